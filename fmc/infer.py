@@ -1,0 +1,241 @@
+"""The platform entry point's logic: every TIFF in an input folder -> a fused TIFF in the output folder.
+
+``inference.py`` at the repository root is a thin wrapper around :func:`main`. One bad
+file never stops the others: it gets one error line naming it, and the exit code is
+non-zero only at the end, so every good case still has its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fmc.io import CaseError, list_cases, read_case, write_prediction
+from fmc.pipeline import FusionPipeline, PipelineConfig
+from fmc.tiling import TilingConfig
+from fmc.weights import ModelSet, WeightsError, WeightsNotFoundError, discover_models
+
+log = logging.getLogger("fmc")
+
+PLATFORM_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
+PLATFORM_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
+
+
+@dataclass
+class InferenceOptions:
+    """Everything a run needs; the CLI fills it, tests and the sample runner build it directly."""
+
+    input: Path = PLATFORM_INPUT
+    output: Path = PLATFORM_OUTPUT
+    weights: Path | None = None
+    device: str = "auto"
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    preview: bool = False
+
+
+@dataclass
+class CaseResult:
+    """What happened to one input file."""
+
+    name: str
+    ok: bool
+    message: str = ""
+    seconds: float = 0.0
+
+
+def select_device(requested: str) -> torch.device:
+    """``auto`` takes CUDA when present and says so either way; ``cuda`` without CUDA falls back to CPU."""
+    if requested not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"unknown device {requested!r}: use auto, cuda or cpu")
+    if requested == "cpu":
+        log.info("device: cpu (requested)")
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        log.info("device: cuda (%s)", torch.cuda.get_device_name(device))
+        return device
+    log.warning("device: CUDA is not available, running on CPU (this is much slower)")
+    return torch.device("cpu")
+
+
+def run_inference(options: InferenceOptions) -> list[CaseResult]:
+    """Fuse every case of ``options.input`` into ``options.output``; returns one result per input file."""
+    cases = list_cases(options.input) if options.input.is_dir() else []
+    if not cases:
+        log.error("no .tif/.tiff files in %s: nothing to fuse", options.input)
+        return []
+    options.output.mkdir(parents=True, exist_ok=True)
+    device = select_device(options.device)
+    log.info("%d case(s) in %s -> %s", len(cases), options.input, options.output)
+    pipelines: dict[tuple[str, int | None], FusionPipeline] = {}
+    results = []
+    for path in cases:
+        start = time.perf_counter()
+        try:
+            message = _fuse_one(path, options, device, pipelines)
+            results.append(CaseResult(path.name, True, message, time.perf_counter() - start))
+        except (WeightsNotFoundError, WeightsError) as error:
+            log.error("%s: no usable model: %s", path.name, error)
+            results.append(CaseResult(path.name, False, str(error)))
+        except CaseError as error:
+            log.error("%s", error)
+            results.append(CaseResult(path.name, False, error.reason))
+        except Exception as error:  # noqa: BLE001 - one case's crash must not stop the others
+            log.exception("%s: failed while fusing: %s", path.name, error)
+            results.append(CaseResult(path.name, False, f"{type(error).__name__}: {error}"))
+    return results
+
+
+def _fuse_one(
+    path: Path,
+    options: InferenceOptions,
+    device: torch.device,
+    pipelines: dict[tuple[str, int | None], FusionPipeline],
+) -> str:
+    """Read, fuse, write one case; returns its one-line summary (also logged)."""
+    read_start = time.perf_counter()
+    case = read_case(path)
+    read_seconds = time.perf_counter() - read_start
+    meta = case.meta
+    key = (meta.channel, meta.study)
+    if key not in pipelines:
+        models: ModelSet = discover_models(options.weights, meta.channel, meta.study, device=device)
+        pipelines[key] = FusionPipeline(models, options.pipeline, device)
+    pipeline = pipelines[key]
+    fused, timings = pipeline.run(case.volume, meta.spacing)
+    write_start = time.perf_counter()
+    target = options.output / path.name
+    write_prediction(target, fused, meta)
+    timings = {"read": round(read_seconds, 3), **timings, "write": round(time.perf_counter() - write_start, 3)}
+    if options.preview:
+        _write_preview(options.output / f"{path.stem}_preview.png", case.volume, fused)
+    spacing = "x".join(f"{s:g}" for s in meta.spacing)
+    steps = " ".join(f"{name}={seconds:.2f}s" for name, seconds in timings.items())
+    summary = (
+        f"{path.name}: shape={'x'.join(map(str, case.volume.shape))} spacing={spacing}um "
+        f"channel={meta.channel} study={meta.study} model={pipeline.describe()} device={device.type} "
+        f"total={sum(timings.values()):.2f}s [{steps}]"
+    )
+    log.info("%s", summary)
+    return summary
+
+
+def _write_preview(path: Path, volume: np.ndarray, fused: np.ndarray) -> None:
+    """Maximum-intensity projections (input | output) so a person can eyeball the result."""
+    from PIL import Image
+
+    def mip(array: np.ndarray) -> np.ndarray:
+        projection = array.max(axis=0).astype(np.float32)
+        low, high = np.percentile(projection, (2, 99.8))
+        scaled = np.clip((projection - low) / (high - low if high > low else 1.0), 0, 1)
+        return (scaled * 255).astype(np.uint8)
+
+    Image.fromarray(np.concatenate([mip(volume), mip(fused)], axis=1)).save(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The documented command line of inference.py."""
+    parser = argparse.ArgumentParser(
+        prog="inference.py",
+        description=(
+            "Predict the multiview-fused volume from one lightsheet view (FuseMyCells). "
+            "Reads every .tif/.tiff in --input with its metadata (spacing, channel, study), "
+            "resamples to 0.6 um isotropic, runs the two-step RUNet (global 224^3 pass, then "
+            "Hann-blended high-resolution patches, then difference weighting), and writes a "
+            "uint16 BigTIFF of the same shape and metadata to --output. Exit code 0 only if "
+            "every input produced an output."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", type=Path, default=PLATFORM_INPUT, help="folder of input TIFFs")
+    parser.add_argument("--output", type=Path, default=PLATFORM_OUTPUT, help="folder for the fused TIFFs")
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="model folder (searched first; then /opt/ml/model, then resources/weights)",
+    )
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
+    parser.add_argument("--overlap", type=float, default=0.5, help="patch overlap fraction in [0, 1)")
+    parser.add_argument("--patch", type=int, default=128, help="step-2 patch edge in voxels (cube)")
+    parser.add_argument("--batch", type=int, default=2, help="patches per forward pass")
+    parser.add_argument(
+        "--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision for the networks"
+    )
+    parser.add_argument("--tta", action="store_true", help="average test-time flips along z, y and x")
+    parser.add_argument("--max-filter", type=int, default=3, help="max-filter size before DW (odd; 1 = off)")
+    parser.add_argument("--no-step1", action="store_true", help="skip the global 224^3 step (ablation)")
+    parser.add_argument("--no-step2", action="store_true", help="skip the patch step (ablation)")
+    parser.add_argument("--no-dw", action="store_true", help="skip difference weighting (ablation)")
+    parser.add_argument(
+        "--preview", action="store_true", help="also write <name>_preview.png (input | output MIPs)"
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level"
+    )
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> InferenceOptions:
+    """Turn parsed flags into typed options, refusing values that cannot work."""
+    if not 0 <= args.overlap < 1:
+        raise SystemExit(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.patch < 8 or args.batch < 1:
+        raise SystemExit("--patch must be >= 8 and --batch >= 1")
+    if args.max_filter < 1 or args.max_filter % 2 == 0:
+        raise SystemExit(f"--max-filter must be odd and >= 1, got {args.max_filter}")
+    tiling = TilingConfig(
+        patch=(args.patch,) * 3,
+        overlap=args.overlap,
+        batch=args.batch,
+        autocast=None if args.autocast == "none" else args.autocast,
+    )
+    pipeline = PipelineConfig(
+        step1=not args.no_step1,
+        step2=not args.no_step2,
+        difference_weighting=not args.no_dw,
+        max_filter=args.max_filter,
+        tta=args.tta,
+        tiling=tiling,
+    )
+    return InferenceOptions(
+        input=args.input,
+        output=args.output,
+        weights=args.weights,
+        device=args.device,
+        pipeline=pipeline,
+        preview=args.preview,
+    )
+
+
+def configure_logging(level: str) -> None:
+    """Timestamped lines on stderr; the platform keeps them as the job log."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run inference.py; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    options = options_from_args(args)
+    start = time.perf_counter()
+    results = run_inference(options)
+    failed = [r for r in results if not r.ok]
+    log.info(
+        "done: %d/%d case(s) fused in %.1fs", len(results) - len(failed), len(results), time.perf_counter() - start
+    )
+    for result in failed:
+        log.error("FAILED %s: %s", result.name, result.message)
+    return 0 if results and not failed else 1
