@@ -8,7 +8,9 @@ non-zero only at the end, so every good case still has its output.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import torch
 
 from fmc.io import CaseError, list_cases, read_case, write_prediction
 from fmc.pipeline import FusionPipeline, PipelineConfig
+from fmc.planner import DEFAULT_BUDGET_SECONDS, SAFETY_MARGIN_SECONDS
 from fmc.tiling import TilingConfig
 from fmc.weights import ModelSet, WeightsError, WeightsNotFoundError, discover_models
 
@@ -38,6 +41,8 @@ class InferenceOptions:
     device: str = "auto"
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     preview: bool = False
+    budget_seconds: float | None = DEFAULT_BUDGET_SECONDS - SAFETY_MARGIN_SECONDS
+    gpu_memory_gib: float | None = None
 
 
 @dataclass
@@ -65,6 +70,26 @@ def select_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def process_age_seconds() -> float:
+    """Seconds since this process started (Linux /proc), so the budget counts start-up and imports too."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def cap_gpu_memory(device: torch.device, gib: float | None) -> None:
+    """Limit this process to ``gib`` GiB of the device (e.g. 15 to mimic a 16 GB T4)."""
+    if gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    log.info("GPU memory capped at %.1f GiB (%.0f%% of %.1f GiB)", gib, 100 * fraction, total / 2**30)
+
+
 def run_inference(options: InferenceOptions) -> list[CaseResult]:
     """Fuse every case of ``options.input`` into ``options.output``; returns one result per input file."""
     cases = list_cases(options.input) if options.input.is_dir() else []
@@ -73,13 +98,19 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
         return []
     options.output.mkdir(parents=True, exist_ok=True)
     device = select_device(options.device)
+    cap_gpu_memory(device, options.gpu_memory_gib)
     log.info("%d case(s) in %s -> %s", len(cases), options.input, options.output)
     pipelines: dict[tuple[str, int | None], FusionPipeline] = {}
     results = []
+    already_spent = process_age_seconds()
     for path in cases:
         start = time.perf_counter()
+        deadline = None
+        if options.budget_seconds is not None:
+            deadline = start + options.budget_seconds - already_spent
+            already_spent = 0.0  # only the first case pays for process start-up
         try:
-            message = _fuse_one(path, options, device, pipelines)
+            message = _fuse_one(path, options, device, pipelines, deadline)
             results.append(CaseResult(path.name, True, message, time.perf_counter() - start))
         except (WeightsNotFoundError, WeightsError) as error:
             log.error("%s: no usable model: %s", path.name, error)
@@ -87,7 +118,7 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
         except CaseError as error:
             log.error("%s", error)
             results.append(CaseResult(path.name, False, error.reason))
-        except Exception as error:  # noqa: BLE001 - one case's crash must not stop the others
+        except Exception as error:
             log.exception("%s: failed while fusing: %s", path.name, error)
             results.append(CaseResult(path.name, False, f"{type(error).__name__}: {error}"))
     return results
@@ -98,6 +129,7 @@ def _fuse_one(
     options: InferenceOptions,
     device: torch.device,
     pipelines: dict[tuple[str, int | None], FusionPipeline],
+    deadline: float | None,
 ) -> str:
     """Read, fuse, write one case; returns its one-line summary (also logged)."""
     read_start = time.perf_counter()
@@ -109,11 +141,15 @@ def _fuse_one(
         models: ModelSet = discover_models(options.weights, meta.channel, meta.study, device=device)
         pipelines[key] = FusionPipeline(models, options.pipeline, device)
     pipeline = pipelines[key]
-    fused, timings = pipeline.run(case.volume, meta.spacing)
+    fused, timings = pipeline.run(case.volume, meta.spacing, deadline=deadline)
     write_start = time.perf_counter()
     target = options.output / path.name
     write_prediction(target, fused, meta)
-    timings = {"read": round(read_seconds, 3), **timings, "write": round(time.perf_counter() - write_start, 3)}
+    timings = {
+        "read": round(read_seconds, 3),
+        **timings,
+        "write": round(time.perf_counter() - write_start, 3),
+    }
     if options.preview:
         _write_preview(options.output / f"{path.stem}_preview.png", case.volume, fused)
     spacing = "x".join(f"{s:g}" for s in meta.spacing)
@@ -167,13 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch", type=int, default=128, help="step-2 patch edge in voxels (cube)")
     parser.add_argument("--batch", type=int, default=2, help="patches per forward pass")
     parser.add_argument(
-        "--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision for the networks"
+        "--autocast",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="mixed precision for the networks",
     )
     parser.add_argument("--tta", action="store_true", help="average test-time flips along z, y and x")
     parser.add_argument("--max-filter", type=int, default=3, help="max-filter size before DW (odd; 1 = off)")
     parser.add_argument("--no-step1", action="store_true", help="skip the global 224^3 step (ablation)")
     parser.add_argument("--no-step2", action="store_true", help="skip the patch step (ablation)")
     parser.add_argument("--no-dw", action="store_true", help="skip difference weighting (ablation)")
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=DEFAULT_BUDGET_SECONDS - SAFETY_MARGIN_SECONDS,
+        help="per-case time budget; the planner lowers overlap, drops flips or skips step 2 to fit (0 = off)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, default=None, help="cap this process's GPU memory (e.g. 15 for a T4)"
+    )
     parser.add_argument(
         "--preview", action="store_true", help="also write <name>_preview.png (input | output MIPs)"
     )
@@ -212,6 +260,8 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         device=args.device,
         pipeline=pipeline,
         preview=args.preview,
+        budget_seconds=args.budget_seconds if args.budget_seconds > 0 else None,
+        gpu_memory_gib=args.gpu_memory_gib,
     )
 
 
@@ -234,8 +284,25 @@ def main(argv: list[str] | None = None) -> int:
     results = run_inference(options)
     failed = [r for r in results if not r.ok]
     log.info(
-        "done: %d/%d case(s) fused in %.1fs", len(results) - len(failed), len(results), time.perf_counter() - start
+        "done: %d/%d case(s) fused in %.1fs",
+        len(results) - len(failed),
+        len(results),
+        time.perf_counter() - start,
     )
     for result in failed:
         log.error("FAILED %s: %s", result.name, result.message)
+    _report_peak_memory(os.environ.get("FMC_REPORT_PEAK_MEMORY"))
     return 0 if results and not failed else 1
+
+
+def _report_peak_memory(path: str | None) -> None:
+    """For benchmarks: the CUDA allocator's peaks can only be read inside this process."""
+    if not path:
+        return
+    peaks = {"cuda_max_allocated": 0, "cuda_max_reserved": 0}
+    if torch.cuda.is_available():
+        peaks = {
+            "cuda_max_allocated": torch.cuda.max_memory_allocated(),
+            "cuda_max_reserved": torch.cuda.max_memory_reserved(),
+        }
+    Path(path).write_text(json.dumps(peaks))

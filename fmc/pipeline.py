@@ -13,12 +13,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import isotropic_shape, resample_to_shape
 from fmc.tiling import TilingConfig, sliding_window_inference
 from fmc.weights import LoadedModel, ModelSet
@@ -107,7 +108,9 @@ class FusionPipeline:
         self.step1_model = models.step1 if config.step1 else None
         self.step2_model = models.step2 if config.step2 else None
         if self.step1_model is None and self.step2_model is None:
-            raise ValueError("the pipeline has no model to run: enable step 1 or step 2 and provide its weights")
+            raise ValueError(
+                "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
+            )
         for loaded in (self.step1_model, self.step2_model):
             if loaded is not None:
                 loaded.network.to(self.device).eval()
@@ -126,9 +129,12 @@ class FusionPipeline:
         return "+".join(parts)
 
     def run(
-        self, volume: np.ndarray, spacing: tuple[float, float, float]
+        self, volume: np.ndarray, spacing: tuple[float, float, float], deadline: float | None = None
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """Fuse one ZYX volume; returns the uint16 prediction on the input grid and seconds per stage."""
+        """Fuse one ZYX volume; returns the uint16 prediction on the input grid and seconds per stage.
+
+        ``deadline`` (a ``time.perf_counter()`` value) turns on the time planner for step 2.
+        """
         timings: dict[str, float] = {}
         dev = self.device
         with torch.inference_mode():
@@ -141,7 +147,9 @@ class FusionPipeline:
                 iso_shape = isotropic_shape(tuple(volume.shape), spacing, self.config.target_spacing)
                 iso = resample_to_shape(image, iso_shape)
                 del image
-            prediction = self.predict_isotropic(iso, timings)
+            # What follows step 2 costs about two resamplings plus the host copy; keep it in reserve.
+            reserve = 2.0 * timings["resample_in"] + volume.nbytes / 200e6 + 2.0
+            prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             del iso
             with _timed(timings, "resample_out", dev):
                 back = resample_to_shape(prediction, tuple(volume.shape))
@@ -150,7 +158,13 @@ class FusionPipeline:
                 result = _to_uint16(back, lo, hi)
         return result, timings
 
-    def predict_isotropic(self, iso: torch.Tensor, timings: dict[str, float] | None = None) -> torch.Tensor:
+    def predict_isotropic(
+        self,
+        iso: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        deadline: float | None = None,
+        reserve_seconds: float = 0.0,
+    ) -> torch.Tensor:
         """Steps 1, 2 and DW on a normalized (Z,Y,X) volume at 0.6 um; returns the same shape."""
         timings = {} if timings is None else timings
         dev = iso.device
@@ -160,7 +174,7 @@ class FusionPipeline:
                 initial = self._global_step(iso)
         if self.step2_model is not None:
             with _timed(timings, "step2", dev):
-                initial = self._patch_step(iso, initial)
+                initial = self._patch_step(iso, initial, deadline, reserve_seconds)
         if self.config.difference_weighting:
             with _timed(timings, "dw", dev):
                 initial = difference_weighting(iso, initial, self.config.max_filter)
@@ -175,19 +189,61 @@ class FusionPipeline:
         out = predictor(small[None, None])[0, 0]
         return resample_to_shape(out.float(), tuple(iso.shape))
 
-    def _patch_step(self, iso: torch.Tensor, step1_output: torch.Tensor) -> torch.Tensor:
-        """Step 2: RUNet_2 on overlapping patches of [input, step-1 output], Hann-blended."""
+    def _patch_step(
+        self, iso: torch.Tensor, step1_output: torch.Tensor, deadline: float | None, reserve_seconds: float
+    ) -> torch.Tensor:
+        """Step 2: RUNet_2 on overlapping patches of [input, step-1 output], Hann-blended.
+
+        With a deadline, the planner may lower the overlap, drop flips, or skip step 2
+        (returning the step-1 output) so that an output is always written in time.
+        """
         assert self.step2_model is not None
         wanted = int(self.step2_model.card.config.get("in_channels", 2))
-        channels = [iso, step1_output][:wanted] if wanted <= 2 else [iso, step1_output]
-        if len(channels) != wanted:
-            raise ValueError(f"step-2 model expects {wanted} input channels; the pipeline provides {len(channels)}")
-        stacked = torch.stack(channels)
-        out = sliding_window_inference(stacked, self._predictor(self.step2_model), self.config.tiling)
+        if wanted not in (1, 2):
+            raise ValueError(f"step-2 model expects {wanted} input channels; the pipeline provides 1 or 2")
+        stacked = torch.stack([iso, step1_output][:wanted])
+        tiling, tta = self.config.tiling, self.config.tta
+        if deadline is not None:
+            plan = self._plan_step_two(stacked, deadline, reserve_seconds)
+            log.info("planner: %s", plan.reason)
+            if not plan.run:
+                return step1_output
+            tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
+        out = sliding_window_inference(stacked, self._predictor(self.step2_model, tta), tiling)
         return out[0]
 
-    def _predictor(self, loaded: LoadedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _plan_step_two(self, stacked: torch.Tensor, deadline: float, reserve_seconds: float) -> StepTwoPlan:
+        """Time one real batch of patches, then let the planner pick overlap and flips."""
+        assert self.step2_model is not None
+        tiling = self.config.tiling
+        patch = tuple(min(p, s) for p, s in zip(tiling.patch, stacked.shape[1:], strict=True))
+        corner = stacked[:, : patch[0], : patch[1], : patch[2]]
+        batch = corner.unsqueeze(0).expand(tiling.batch, *corner.shape).contiguous()
+        forward = self._predictor(self.step2_model, tta=False)
+        forward(batch)  # warm-up: allocator, cuDNN algorithm choice
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+        start = time.perf_counter()
+        forward(batch)
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize(batch.device)
+        seconds_per_batch = time.perf_counter() - start
+        return plan_step_two(
+            tuple(stacked.shape[1:]),
+            tiling.patch,
+            tiling.batch,
+            tiling.overlap,
+            self.config.tta,
+            seconds_per_batch,
+            deadline - time.perf_counter(),
+            reserve_seconds,
+        )
+
+    def _predictor(
+        self, loaded: LoadedModel, tta: bool | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The network as a batch function, with optional test-time flips and autocast."""
+        tta = self.config.tta if tta is None else tta
         network = loaded.network
         autocast = self.config.tiling.autocast
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "")
@@ -200,7 +256,7 @@ class FusionPipeline:
             with torch.autocast(self.device.type, dtype=dtype):
                 return network(batch).float()
 
-        if not self.config.tta:
+        if not tta:
             return forward
 
         def flipped(batch: torch.Tensor) -> torch.Tensor:
@@ -213,7 +269,7 @@ class FusionPipeline:
 
 
 def _to_uint16(volume: torch.Tensor, low: float, high: float, slab: int = 32) -> np.ndarray:
-    """Map a normalized prediction back to the input's (p2, p99.8) range, clip, round, copy to host as uint16."""
+    """Map a normalized prediction back to the input's (p2, p99.8) range; clip, round, copy as uint16."""
     out = np.empty(tuple(volume.shape), dtype=np.uint16)
     scale = high - low if high > low else 1.0
     for z in range(0, volume.shape[0], slab):
