@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmc.metrics import percentile_bounds
 from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import isotropic_shape, resample_to_shape
 from fmc.tiling import TilingConfig, sliding_window_inference
@@ -89,16 +90,6 @@ def _volume_to_device(volume: np.ndarray, device: torch.device, slab: int = 32) 
     return out
 
 
-def _intensity_range(volume: torch.Tensor, low: float = 2.0, high: float = 99.8) -> tuple[float, float]:
-    """The input's (p_low, p_high) intensities, used to map the prediction back to its range."""
-    flat = volume.reshape(-1)
-    step = max(1, flat.numel() // 4_000_000)
-    sample = flat[::step].float()
-    lo = float(torch.quantile(sample, low / 100))
-    hi = float(torch.quantile(sample, high / 100))
-    return lo, hi
-
-
 class FusionPipeline:
     """Predict the fused volume from one view with a step-1 and/or step-2 RUNet."""
 
@@ -141,7 +132,7 @@ class FusionPipeline:
             with _timed(timings, "to_device", dev):
                 raw = _volume_to_device(volume, dev)
             with _timed(timings, "normalize", dev):
-                lo, hi = _intensity_range(raw)
+                lo, hi = percentile_bounds(raw)
                 image = raw.sub_(lo).div_(hi - lo if hi > lo else 1.0)
             with _timed(timings, "resample_in", dev):
                 iso_shape = isotropic_shape(tuple(volume.shape), spacing, self.config.target_spacing)
