@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="mixed precision for the networks",
     )
+    parser.add_argument(
+        "--global-size",
+        type=int,
+        default=None,
+        help="step-1 cube edge (default: the size the step-1 model was trained at, else 224)",
+    )
     parser.add_argument("--tta", action="store_true", help="average test-time flips along z, y and x")
     parser.add_argument("--max-filter", type=int, default=3, help="max-filter size before DW (odd; 1 = off)")
     parser.add_argument("--no-step1", action="store_true", help="skip the global 224^3 step (ablation)")
@@ -251,6 +257,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         difference_weighting=not args.no_dw,
         max_filter=args.max_filter,
         tta=args.tta,
+        global_size=args.global_size,
         tiling=tiling,
     )
     return InferenceOptions(
@@ -266,13 +273,12 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
 
 
 def configure_logging(level: str) -> None:
-    """Timestamped lines on stderr; the platform keeps them as the job log."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    """Timestamped lines on stderr; the platform keeps them as the job log.
+
+    Leaves handlers that are already installed (a test harness, an embedding program) alone.
+    """
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(getattr(logging, level))
 
 
 def main(argv: list[str] | None = None) -> int:

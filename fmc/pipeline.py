@@ -28,6 +28,7 @@ from fmc.weights import LoadedModel, ModelSet
 log = logging.getLogger(__name__)
 
 UINT16_MAX = 65535
+DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
 
 
 @dataclass
@@ -39,7 +40,7 @@ class PipelineConfig:
     difference_weighting: bool = True
     max_filter: int = 3
     tta: bool = False
-    global_size: int = 224
+    global_size: int | None = None  # None: what the step-1 model was trained at (card), else 224
     target_spacing: float = 0.6
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
@@ -106,11 +107,19 @@ class FusionPipeline:
             if loaded is not None:
                 loaded.network.to(self.device).eval()
 
+    @property
+    def global_size(self) -> int:
+        """Step-1 cube edge: the configured one, else the size the step-1 model was trained at."""
+        if self.config.global_size is not None:
+            return self.config.global_size
+        trained = self.step1_model.card.training.get("global_size") if self.step1_model else None
+        return int(trained or DEFAULT_GLOBAL_SIZE)
+
     def describe(self) -> str:
         """One phrase naming the steps and presets that will run, for the per-case log line."""
         parts = []
         if self.step1_model is not None:
-            parts.append(f"step1={self.step1_model.card.preset}")
+            parts.append(f"step1={self.step1_model.card.preset}@{self.global_size}")
         if self.step2_model is not None:
             parts.append(f"step2={self.step2_model.card.preset}")
         if self.config.difference_weighting:
@@ -174,7 +183,7 @@ class FusionPipeline:
     def _global_step(self, iso: torch.Tensor) -> torch.Tensor:
         """Step 1: the whole volume at ``global_size``^3 through RUNet_1, then back to the 0.6 um grid."""
         assert self.step1_model is not None
-        size = (self.config.global_size,) * 3
+        size = (self.global_size,) * 3
         small = resample_to_shape(iso, size)
         predictor = self._predictor(self.step1_model)
         out = predictor(small[None, None])[0, 0]

@@ -46,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     if not any(input_dir.glob("*.tif")):
         make_sample_case(input_dir, seed=0)
         log.info("sample case written to %s", input_dir)
-    infer_args = ["--input", str(input_dir), "--output", str(output_dir), "--device", args.device, "--preview"]
+    infer_args = [
+        "--input",
+        str(input_dir),
+        "--output",
+        str(output_dir),
+        "--device",
+        args.device,
+        "--preview",
+    ]
     if args.weights is not None:
         infer_args += ["--weights", str(args.weights)]
     code = infer.main(infer_args)

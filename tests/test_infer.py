@@ -1,0 +1,182 @@
+"""inference.py end to end on CPU with tiny random weights: plumbing, bad inputs, determinism.
+
+These test the platform contract only, never quality.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from fmc.infer import main
+from fmc.io import read_case, write_volume
+from fmc.network import RUNet, preset
+from fmc.weights import ModelCard, save_model
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = [
+    "--device",
+    "cpu",
+    "--patch",
+    "16",
+    "--overlap",
+    "0.25",
+    "--global-size",
+    "32",
+    "--budget-seconds",
+    "0",
+]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A tiny random two-step model in the 'any' channel folder, written through fmc.weights."""
+    root = tmp_path_factory.mktemp("weights")
+    for step, channels in ((1, 1), (2, 2)):
+        torch.manual_seed(step)
+        config = preset("tiny", in_channels=channels)
+        card = ModelCard(
+            step=step,
+            preset="tiny",
+            config=config.to_dict(),
+            normalization={"method": "percentile", "low": 2.0, "high": 99.8},
+            training={"data": "random weights for tests"},
+        )
+        (root / "any").mkdir(exist_ok=True)
+        save_model(root / "any" / f"step{step}", RUNet(config), card)
+    return root
+
+
+def _good_volume(shape=(12, 40, 40), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, 4000, size=shape, dtype=np.uint16)
+
+
+def _write_good_cases(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, (style, channel) in enumerate([("shaped", "nucleus"), ("imagej", "membrane"), ("ome", "nucleus")]):
+        name = f"image_{i}_{channel}_angle.tif"
+        write_volume(
+            folder / name,
+            _good_volume(seed=i),
+            spacing=(1.0, 0.39, 0.39),
+            channel=channel,
+            study=3,
+            style=style,
+        )
+        names.append(name)
+    return names
+
+
+def _run(input_dir: Path, output_dir: Path, weights: Path, *extra: str) -> int:
+    return main(
+        ["--input", str(input_dir), "--output", str(output_dir), "--weights", str(weights), *FAST, *extra]
+    )
+
+
+def test_every_input_gets_a_matching_output_and_nothing_else(tmp_path, weights):
+    names = _write_good_cases(tmp_path / "in")
+    assert _run(tmp_path / "in", tmp_path / "out", weights) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
+    for name in names:
+        source, fused = read_case(tmp_path / "in" / name), read_case(tmp_path / "out" / name)
+        assert fused.volume.shape == source.volume.shape
+        assert fused.volume.dtype == np.uint16
+        assert fused.meta.spacing == pytest.approx(source.meta.spacing)
+        assert (fused.meta.channel, fused.meta.study) == (source.meta.channel, source.meta.study)
+        with tifffile.TiffFile(tmp_path / "out" / name) as tif:
+            assert tif.is_bigtiff
+
+
+def test_two_runs_give_identical_bytes(tmp_path, weights):
+    _write_good_cases(tmp_path / "in")
+    assert _run(tmp_path / "in", tmp_path / "a", weights) == 0
+    assert _run(tmp_path / "in", tmp_path / "b", weights) == 0
+    for fused in sorted((tmp_path / "a").iterdir()):
+        assert fused.read_bytes() == (tmp_path / "b" / fused.name).read_bytes()
+
+
+def _write_bad_cases(folder: Path) -> dict[str, str]:
+    """One file per fault of DESIGN section 5 that must fail; values are words its error must contain."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "not_a_tiff.tif").write_bytes(b"this is not a tiff at all" * 10)
+    tifffile.imwrite(folder / "truncated.tif", _good_volume((8, 64, 64)))
+    data = (folder / "truncated.tif").read_bytes()
+    (folder / "truncated.tif").write_bytes(data[: len(data) // 3])
+    tifffile.imwrite(folder / "flat_2d.tif", _good_volume((1, 40, 40))[0])
+    tifffile.imwrite(folder / "five_d.tif", np.zeros((2, 2, 4, 8, 8), np.uint16), photometric="minisblack")
+    tifffile.imwrite(folder / "complex.tif", np.zeros((4, 8, 8), np.complex64), photometric="minisblack")
+    return {
+        "not_a_tiff.tif": "not a TIFF",
+        "truncated.tif": "truncated",
+        "flat_2d.tif": "2-D",
+        "five_d.tif": "5-D",
+        "complex.tif": "complex",
+    }
+
+
+def test_bad_inputs_are_reported_by_name_and_good_ones_still_run(tmp_path, weights, caplog):
+    good = _write_good_cases(tmp_path / "in")
+    bad = _write_bad_cases(tmp_path / "in")
+    # Recoverable faults: fused with a warning.
+    nan_volume = _good_volume(seed=7).astype(np.float32)
+    nan_volume[0, 0, :5] = np.nan
+    tifffile.imwrite(tmp_path / "in" / "has_nan.tif", nan_volume, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "in" / "constant.tif", np.full((12, 20, 20), 7, np.uint16))
+    tifffile.imwrite(
+        tmp_path / "in" / "no_spacing_tiny.tif", _good_volume((3, 9, 9)), photometric="minisblack"
+    )
+    code = _run(tmp_path / "in", tmp_path / "out", weights)
+    assert code != 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([*good, "has_nan.tif", "constant.tif", "no_spacing_tiny.tif"])
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    for name, words in bad.items():
+        assert any(name in m and words in m for m in errors), f"{name} not reported with {words!r}: {errors}"
+    assert not any(r.exc_info for r in caplog.records if any(n in r.getMessage() for n in bad))
+
+
+def test_empty_input_folder_fails_clearly(tmp_path, weights, caplog):
+    (tmp_path / "in").mkdir()
+    assert _run(tmp_path / "in", tmp_path / "out", weights) != 0
+    assert "no .tif/.tiff files" in caplog.text
+
+
+def test_missing_weights_fail_with_instructions_and_no_output(tmp_path, monkeypatch, caplog):
+    _write_good_cases(tmp_path / "in")
+    monkeypatch.setenv("FMC_MODEL_DIR", str(tmp_path / "nothing_here"))
+    monkeypatch.setattr("fmc.weights.weight_roots", lambda explicit: [tmp_path / "nothing_here"])
+    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *FAST])
+    assert code != 0
+    assert "train.py" in caplog.text
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run(
+        [sys.executable, "inference.py", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    for flag in ("--input", "--output", "--weights", "--device", "--overlap", "--patch", "--batch", "--tta"):
+        assert flag in result.stdout
+    for flag in ("--preview", "--log-level", "--budget-seconds", "--gpu-memory-gib"):
+        assert flag in result.stdout
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: compares the GPU path with the CPU path"
+)
+def test_cpu_and_gpu_paths_agree(tmp_path, weights):
+    _write_good_cases(tmp_path / "in")
+    base = ["--input", str(tmp_path / "in"), "--weights", str(weights), *FAST[2:]]
+    assert main([*base, "--output", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert main([*base, "--output", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
+    for fused in (tmp_path / "cpu").iterdir():
+        cpu = read_case(fused).volume.astype(np.int64)
+        gpu = read_case(tmp_path / "gpu" / fused.name).volume.astype(np.int64)
+        span = max(1, int(cpu.max() - cpu.min()))
+        assert np.abs(cpu - gpu).max() <= 0.01 * span

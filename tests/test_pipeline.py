@@ -1,0 +1,128 @@
+"""The two-step pipeline: eq. (2), step switches, planner fallback, identity plumbing, determinism."""
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fmc.network import RUNet, preset
+from fmc.pipeline import FusionPipeline, PipelineConfig, difference_weighting
+from fmc.tiling import TilingConfig
+from fmc.weights import LoadedModel, ModelCard, ModelSet
+
+
+class FirstChannel(nn.Module):
+    """An identity 'network': returns channel 0, so the whole pipeline must reproduce its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1]
+
+
+def _loaded(network: nn.Module, step: int, in_channels: int, preset_name: str = "identity") -> LoadedModel:
+    card = ModelCard(
+        step=step,
+        preset=preset_name,
+        config={"in_channels": in_channels},
+        normalization={"method": "percentile", "low": 2.0, "high": 99.8},
+    )
+    return LoadedModel(network=network, card=card, path=None)
+
+
+def _tiny(step: int, in_channels: int, seed: int) -> LoadedModel:
+    torch.manual_seed(seed)
+    config = preset("tiny", in_channels=in_channels)
+    return _loaded(RUNet(config).eval(), step, in_channels, "tiny")
+
+
+def _volume(shape=(20, 40, 36), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=[-(-s // 4) for s in shape])
+    big = np.kron(base, np.ones((4, 4, 4)))[: shape[0], : shape[1], : shape[2]]
+    return (1000 + 300 * big + rng.normal(scale=20, size=shape)).clip(0, 65535).astype(np.uint16)
+
+
+SMALL_TILING = TilingConfig(patch=(16, 16, 16), overlap=0.25, batch=2)
+
+
+def test_difference_weighting_matches_hand_computation():
+    inp = torch.tensor([0.0, 0.5, 1.0, 0.2])
+    initial = torch.tensor([0.0, 0.7, 0.0, 0.2])
+    # |I - O'| = [0, .2, 1, 0] is already in [0, 1] with min 0, max 1: weights are the same.
+    expected = torch.tensor([0.0, 0.8 * 0.5 + 0.2 * 0.7, 0.0 * 1.0 + 1.0 * 0.0, 0.2])
+    assert torch.allclose(difference_weighting(inp, initial), expected)
+
+
+def test_difference_weighting_normalizes_the_difference():
+    inp = torch.tensor([1.0, 1.0, 1.0])
+    initial = torch.tensor([1.5, 2.0, 3.0])  # |I - O'| = [.5, 1, 2] -> [0, 1/3, 1]
+    expected = torch.tensor([1.0, (2 / 3) * 1.0 + (1 / 3) * 2.0, 3.0])
+    assert torch.allclose(difference_weighting(inp, initial), expected)
+
+
+def test_max_filter_is_applied_to_the_initial_output_first():
+    inp = torch.zeros(1, 5, 5, 5)
+    initial = torch.zeros(1, 5, 5, 5)
+    initial[0, 2, 2, 2] = 1.0
+    out = difference_weighting(inp, initial, max_filter=3)
+    assert out[0, 1:4, 1:4, 1:4].eq(1.0).all()  # dilated peak survives where the difference is maximal
+    assert out[0, 0].eq(0).all()
+
+
+def test_identity_networks_reproduce_the_input():
+    volume = _volume()
+    models = ModelSet(step1=None, step2=_loaded(FirstChannel(), 2, 2), folder=None)
+    pipe = FusionPipeline(models, PipelineConfig(step1=False, max_filter=1, tiling=SMALL_TILING))
+    out, timings = pipe.run(volume, (0.6, 0.6, 0.6))
+    assert out.shape == volume.shape and out.dtype == np.uint16
+    assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
+    assert {"normalize", "resample_in", "step2", "dw", "resample_out"} <= set(timings)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PipelineConfig(global_size=32, tiling=SMALL_TILING),
+        PipelineConfig(global_size=32, step2=False, tiling=SMALL_TILING),
+        PipelineConfig(global_size=32, step1=False, tiling=SMALL_TILING),
+        PipelineConfig(global_size=32, difference_weighting=False, tta=True, tiling=SMALL_TILING),
+    ],
+    ids=["two-step", "step1-only", "step2-only", "no-dw-tta"],
+)
+def test_every_ablation_writes_a_valid_volume(config):
+    volume = _volume((18, 30, 26))
+    models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
+    out, timings = FusionPipeline(models, config).run(volume, (1.0, 0.4, 0.4))
+    assert out.shape == volume.shape and out.dtype == np.uint16
+    assert ("step1" in timings) == config.step1
+    assert ("step2" in timings) == config.step2
+
+
+def test_same_input_same_output_on_cpu():
+    volume = _volume((18, 30, 26))
+    models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
+    pipe = FusionPipeline(models, PipelineConfig(global_size=32, tiling=SMALL_TILING))
+    first, _ = pipe.run(volume, (1.0, 0.4, 0.4))
+    second, _ = pipe.run(volume, (1.0, 0.4, 0.4))
+    assert np.array_equal(first, second)
+
+
+def test_expired_budget_falls_back_to_step_one_and_still_writes(caplog):
+    volume = _volume((18, 30, 26))
+    models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
+    pipe = FusionPipeline(models, PipelineConfig(global_size=32, tiling=SMALL_TILING))
+    with caplog.at_level(logging.INFO):
+        out, _ = pipe.run(volume, (1.0, 0.4, 0.4), deadline=time.perf_counter() + 0.01)
+    assert out.shape == volume.shape and out.dtype == np.uint16
+    assert "step 1 only" in caplog.text
+    with_step1_only, _ = FusionPipeline(models, PipelineConfig(global_size=32, step2=False)).run(
+        volume, (1.0, 0.4, 0.4)
+    )
+    assert np.array_equal(out, with_step1_only)
+
+
+def test_no_model_enabled_is_refused():
+    with pytest.raises(ValueError, match="no model"):
+        FusionPipeline(ModelSet(step1=None, step2=None, folder=None), PipelineConfig())
