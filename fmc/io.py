@@ -89,8 +89,8 @@ class CaseMetadata:
     study: int | None
     unit: str
     raw: dict
-    sources: dict[str, str] = field(default_factory=dict)
-    dtype: str = "uint16"
+    sources: dict[str, str]
+    dtype: str
 
 
 @dataclass
@@ -801,7 +801,13 @@ def read_case(path: Path) -> Case:
         try:
             with tifffile.TiffFile(path) as tif:
                 volume = _read_pixels(path, tif, capture, size)
-                sources, page = _collect_sources(tif)
+                try:
+                    sources, page = _collect_sources(tif)
+                except Exception as exc:  # damaged metadata is not fatal: the pixels are fine
+                    log.warning(
+                        "%s: metadata unreadable, ignored (%s: %s)", path.name, type(exc).__name__, exc
+                    )
+                    sources, page = [], tif.pages.first
                 spacing = _resolve_spacing(sources, page)
         except CaseError:
             raise
