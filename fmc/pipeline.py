@@ -209,8 +209,33 @@ class FusionPipeline:
             if not plan.run:
                 return step1_output
             tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
-        out = sliding_window_inference(stacked, self._predictor(self.step2_model, tta), tiling)
-        return out[0]
+        return self._tile_with_retries(stacked, self._predictor(self.step2_model, tta), tiling)[0]
+
+    def _tile_with_retries(
+        self, stacked: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor], tiling: TilingConfig
+    ) -> torch.Tensor:
+        """Sliding windows; on GPU out-of-memory retry: half batch, smaller patch, then sums on the host."""
+        tiling = replace(tiling, autocast=None)  # the predictor applies autocast itself
+        attempts = out_of_memory_fallbacks(tiling)
+        for number, (config, accumulate_on) in enumerate(attempts):
+            try:
+                out = sliding_window_inference(stacked, predictor, config, accumulate_on=accumulate_on)
+                return out.to(stacked.device)
+            except torch.cuda.OutOfMemoryError:
+                if number + 1 == len(attempts):
+                    raise
+                following, host = attempts[number + 1]
+                log.warning(
+                    "GPU out of memory with patch %s batch %d; retrying with patch %s batch %d%s",
+                    config.patch,
+                    config.batch,
+                    following.patch,
+                    following.batch,
+                    ", accumulating on the host" if host is not None else "",
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        raise AssertionError("unreachable: the last attempt re-raises")
 
     def _plan_step_two(self, stacked: torch.Tensor, deadline: float, reserve_seconds: float) -> StepTwoPlan:
         """Time one real batch of patches, then let the planner pick overlap and flips."""
@@ -266,6 +291,26 @@ class FusionPipeline:
             return total / 4
 
         return flipped
+
+
+def out_of_memory_fallbacks(
+    tiling: TilingConfig, min_patch: int = 32
+) -> list[tuple[TilingConfig, str | None]]:
+    """The retry ladder for GPU out-of-memory: halve the batch to 1, shrink the patch by a quarter
+    (multiples of 16, not below ``min_patch``), then keep the output sums on the host."""
+    ladder: list[tuple[TilingConfig, str | None]] = [(tiling, None)]
+    current = tiling
+    while current.batch > 1:
+        current = replace(current, batch=max(1, current.batch // 2))
+        ladder.append((current, None))
+    while min(current.patch) > min_patch:
+        smaller = tuple(max(min_patch, (3 * p // 4) // 16 * 16) for p in current.patch)
+        if smaller == current.patch:
+            break
+        current = replace(current, patch=smaller)
+        ladder.append((current, None))
+    ladder.append((current, "cpu"))
+    return ladder
 
 
 def _to_uint16(volume: torch.Tensor, low: float, high: float, slab: int = 32) -> np.ndarray:

@@ -231,19 +231,22 @@ def sliding_window_inference(
     config: TilingConfig,
     *,
     progress: bool = True,
+    accumulate_on: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Run ``predictor`` on overlapping patches of a (C, Z, Y, X) volume and blend the outputs.
 
     ``predictor`` maps (B, C, pz, py, px) to (B, C_out, pz, py, px); C_out comes from its first
     call. Returns (C_out, Z, Y, X) float32 on the volume's device. Axes shorter than the patch are
     reflect-padded and cropped back. Accumulation stays on the device; memory is the input plus
-    one output volume plus a batch of patches.
+    one output volume plus a batch of patches. ``accumulate_on`` moves the output volume elsewhere
+    (the host, when the GPU is out of memory); the result is then returned on that device.
     """
     if volume.dim() != 4:
         raise ValueError(f"volume must be (C, Z, Y, X), got shape {tuple(volume.shape)}")
     if min(volume.shape) < 1:
         raise ValueError(f"volume is empty: shape {tuple(volume.shape)}")
     device = volume.device
+    target = device if accumulate_on is None else torch.device(accumulate_on)
     patch: Shape3 = config.patch
     original = tuple(volume.shape[1:])
     floor = float(config.window_floor)
@@ -255,8 +258,8 @@ def sliding_window_inference(
         starts = [patch_starts(spatial[a], patch[a], config.overlap) for a in range(3)]
         indices = list(product(*(range(len(s)) for s in starts)))
         profiles = [_axis_profiles(starts[a], patch[a]) for a in range(3)]
-        on_device = [[p.to(device=device, dtype=torch.float32) for p in axis] for axis in profiles]
-        interior = hann_window(patch, floor, device)
+        on_device = [[p.to(device=target, dtype=torch.float32) for p in axis] for axis in profiles]
+        interior = hann_window(patch, floor, target)
         last = [len(s) - 1 for s in starts]
 
         def window(index: tuple[int, int, int]) -> torch.Tensor:
@@ -290,9 +293,9 @@ def sliding_window_inference(
                     raise ValueError(
                         f"predictor returned shape {tuple(pred.shape)} for a batch of {tuple(batch.shape)}"
                     )
-                pred = pred.to(device=device, dtype=torch.float32)
+                pred = pred.to(device=target, dtype=torch.float32)
                 if out is None:
-                    out = torch.zeros((pred.shape[1], *spatial), dtype=torch.float32, device=device)
+                    out = torch.zeros((pred.shape[1], *spatial), dtype=torch.float32, device=target)
                 elif pred.shape[1] != out.shape[0]:
                     raise ValueError(
                         f"predictor changed its channel count from {out.shape[0]} to {pred.shape[1]}"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fmc.network import RUNet, preset
-from fmc.pipeline import FusionPipeline, PipelineConfig, difference_weighting
+from fmc.pipeline import FusionPipeline, PipelineConfig, difference_weighting, out_of_memory_fallbacks
 from fmc.tiling import TilingConfig
 from fmc.weights import LoadedModel, ModelCard, ModelSet
 
@@ -126,3 +126,68 @@ def test_expired_budget_falls_back_to_step_one_and_still_writes(caplog):
 def test_no_model_enabled_is_refused():
     with pytest.raises(ValueError, match="no model"):
         FusionPipeline(ModelSet(step1=None, step2=None, folder=None), PipelineConfig())
+
+
+def test_out_of_memory_ladder_halves_batch_then_shrinks_patch_then_uses_the_host():
+    ladder = out_of_memory_fallbacks(TilingConfig(patch=(128, 128, 128), batch=4))
+    steps = [(config.batch, config.patch[0], host) for config, host in ladder]
+    assert steps == [
+        (4, 128, None),
+        (2, 128, None),
+        (1, 128, None),
+        (1, 96, None),
+        (1, 64, None),
+        (1, 48, None),
+        (1, 32, None),
+        (1, 32, "cpu"),
+    ]
+
+
+class OutOfMemoryAbove(nn.Module):
+    """Identity on channel 0 that raises CUDA OOM for batches or patches above a limit."""
+
+    def __init__(self, max_batch: int, max_patch: int) -> None:
+        super().__init__()
+        self.max_batch, self.max_patch, self.failures = max_batch, max_patch, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_batch or max(x.shape[2:]) > self.max_patch:
+            self.failures += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return x[:, :1]
+
+
+def test_out_of_memory_retries_with_smaller_batch_and_patch(caplog):
+    volume = _volume()
+    network = OutOfMemoryAbove(max_batch=1, max_patch=32)
+    models = ModelSet(step1=None, step2=_loaded(network, 2, 2), folder=None)
+    config = PipelineConfig(step1=False, max_filter=1, tiling=TilingConfig(patch=(64, 64, 64), batch=2))
+    with caplog.at_level(logging.WARNING):
+        out, _ = FusionPipeline(models, config).run(volume, (0.6, 0.6, 0.6))
+    assert network.failures >= 2
+    assert caplog.text.count("GPU out of memory") == network.failures
+    assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
+
+
+def test_out_of_memory_everywhere_on_device_ends_with_host_accumulation(monkeypatch, caplog):
+    import fmc.pipeline as pipeline_module
+
+    real = pipeline_module.sliding_window_inference
+    hosts = []
+
+    def device_always_full(volume, predictor, config, *, progress=True, accumulate_on=None):
+        hosts.append(accumulate_on)
+        if accumulate_on is None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(volume, predictor, config, progress=progress, accumulate_on=accumulate_on)
+
+    monkeypatch.setattr(pipeline_module, "sliding_window_inference", device_always_full)
+    volume = _volume()
+    models = ModelSet(step1=None, step2=_loaded(FirstChannel(), 2, 2), folder=None)
+    with caplog.at_level(logging.WARNING):
+        out, _ = FusionPipeline(models, PipelineConfig(step1=False, max_filter=1, tiling=SMALL_TILING)).run(
+            volume, (0.6, 0.6, 0.6)
+        )
+    assert hosts[-1] == "cpu" and all(h is None for h in hosts[:-1])
+    assert "accumulating on the host" in caplog.text
+    assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
