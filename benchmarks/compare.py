@@ -1,0 +1,77 @@
+"""fmc's inference.py against the published-style pipeline, on one case, in one invocation.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.compare --study 5 --preset paper --device cuda
+    python -m benchmarks.compare --study 1 --device cpu --scale 0.5
+
+The case and the random-weight model are made once; each pipeline then runs as its
+own timed process on them (fmc first, then the published style). Prints one JSON
+object with both reports and ``ratio_published_over_fmc`` = published total seconds / fmc total seconds
+(process start to output file written, for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from benchmarks.bench_inference import run_fmc
+from benchmarks.bench_published_style import GLOBAL_SIZE, OVERLAP, WINDOW, run_published_child
+from benchmarks.common import add_case_arguments, host_info, prepare_from_args, print_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description="Run inference.py and the published-style pipeline on one case; JSON with the ratio.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_case_arguments(parser)
+    parser.add_argument("--extra-args", default="", help="more inference.py flags, one string")
+    parser.add_argument("--window", type=int, default=WINDOW, help="published-style window edge")
+    parser.add_argument("--overlap", type=float, default=OVERLAP, help="published-style window overlap")
+    parser.add_argument(
+        "--global-size", type=int, default=GLOBAL_SIZE, help="published-style step-1 cube edge"
+    )
+    return parser
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prepared, holder = prepare_from_args(args)
+    host = host_info()  # before the runs: the load average says what else was running
+    try:
+        fmc = run_fmc(prepared, args.device, shlex.split(args.extra_args), args.timeout)
+        published = run_published_child(
+            prepared, args.device, args.window, args.overlap, args.global_size, args.timeout
+        )
+        print_json(
+            {
+                **prepared.describe(),
+                "host": host,
+                "case_prepared_seconds": prepared.seconds_to_prepare,
+                "case_reused": prepared.reused,
+                "fmc": fmc,
+                "published_style": published,
+                "ratio_published_over_fmc": _ratio(published["total_seconds"], fmc["total_seconds"]),
+                "ratio_published_over_fmc_case_seconds": _ratio(
+                    published["case_seconds"], fmc["case_seconds"]
+                ),
+            }
+        )
+        return 0 if fmc["ok"] and published["ok"] else 1
+    finally:
+        if holder is not None:
+            holder.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

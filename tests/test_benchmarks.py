@@ -1,0 +1,128 @@
+"""The benchmark scripts run and report: a tiny case on CPU through compare, plus their parsers.
+
+Benchmarks are figures, not tests: nothing here checks a timing, only that the JSON
+carries every documented field and that both pipelines wrote a valid output.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from benchmarks.bench_inference import planner_decisions
+from benchmarks.bench_published_style import window_starts
+from benchmarks.common import isotropic_shape, parse_step_seconds, scaled_shape, synthetic_volume
+
+REPO = Path(__file__).resolve().parent.parent
+PIPELINE_KEYS = {
+    "ok",
+    "device",
+    "settings",
+    "total_seconds",
+    "process_seconds",
+    "case_seconds",
+    "steps",
+    "peak_rss_gib",
+    "peak_gpu_allocated_gib",
+    "peak_gpu_reserved_gib",
+    "peak_gpu_driver_gib",
+    "output",
+}
+
+
+def test_compare_runs_both_pipelines_on_a_tiny_cpu_case(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.compare",
+        "--study",
+        "1",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--scale",
+        "0.05",
+        "--keep",
+        str(work),
+        "--window",
+        "8",
+        "--global-size",
+        "16",
+        "--extra-args",
+        "--patch 16 --overlap 0.25 --budget-seconds 0 --no-step1",  # fmc's 224^3 step 1 is slow on 2 cores
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    report = json.loads(done.stdout)
+
+    assert report["study"] == 1
+    assert report["shape"] == [11, 37, 43]
+    assert report["spacing"] == [1.0, 0.195, 0.195]
+    ratio = report["published_style"]["total_seconds"] / report["fmc"]["total_seconds"]
+    assert report["ratio_published_over_fmc"] == round(ratio, 3)
+    for name in ("fmc", "published_style"):
+        result = report[name]
+        assert result.keys() >= PIPELINE_KEYS, PIPELINE_KEYS - result.keys()
+        assert result["ok"] is True
+        assert 0 < result["total_seconds"] <= result["process_seconds"]
+        assert result["peak_rss_gib"] > 0.05  # a Python process with torch loaded
+        output = Path(result["output"])
+        assert output.exists()
+        fused = tifffile.imread(output)
+        assert fused.shape == tuple(report["shape"])
+        assert fused.dtype == np.uint16
+    assert {"read", "resample_in", "step2", "resample_out", "write"} <= report["fmc"]["steps"].keys()
+    published = report["published_style"]
+    assert {"resize_in", "step1", "step2", "resize_out", "normalize_write"} <= published["steps"].keys()
+    assert published["windows"] > 1  # --window 8 on an 18x12x14 grid: the stitching loop really ran
+
+
+def test_step_seconds_are_parsed_from_the_per_case_log_line() -> None:
+    log = (
+        "2025-01-01 INFO fmc: device: cpu (requested)\n"
+        "2025-01-01 INFO fmc: image_0_nucleus_angle.tif: shape=11x37x43 spacing=1x0.195x0.195um "
+        "channel=nucleus study=1 model=step1=tiny+step2=tiny device=cpu total=1.75s "
+        "[read=0.01s to_device=0.00s step2=1.20s write=0.54s]\n"
+    )
+    steps, total = parse_step_seconds(log)
+    assert steps == {"read": 0.01, "to_device": 0.0, "step2": 1.2, "write": 0.54}
+    assert total == 1.75
+    assert parse_step_seconds("no such line") == ({}, None)
+
+
+def test_planner_decisions_are_collected_without_the_logger_prefix() -> None:
+    log = (
+        "12:00 INFO fmc.planner: planner: overlap 0.500 would take 1332.5s > 327.5s, trying cheaper\n"
+        "12:00 INFO fmc.pipeline: planner: even the cheapest step 2 exceeds the 327.5s left: step 1 only\n"
+        "12:01 INFO fmc: done\n"
+    )
+    assert planner_decisions(log) == [
+        "overlap 0.500 would take 1332.5s > 327.5s, trying cheaper",
+        "even the cheapest step 2 exceeds the 327.5s left: step 1 only",
+    ]
+
+
+def test_window_starts_cover_the_axis_with_the_last_window_flush() -> None:
+    assert window_starts(100, 224, 0.25) == [0]
+    assert window_starts(224, 224, 0.25) == [0]
+    starts = window_starts(500, 224, 0.25)
+    assert starts == [0, 168, 276]
+    covered = np.zeros(500, bool)
+    for start in starts:
+        covered[start : start + 224] = True
+    assert covered.all()
+
+
+def test_case_shapes_and_synthetic_volume() -> None:
+    assert scaled_shape((309, 1920, 1920), 0.5) == (154, 960, 960)  # round half to even
+    assert isotropic_shape((309, 1920, 1920), (1.01, 0.388, 0.388)) == (520, 1242, 1242)
+    volume = synthetic_volume((9, 20, 30), seed=3)
+    assert volume.shape == (9, 20, 30) and volume.dtype == np.uint16
+    assert volume.std() > 10  # not constant
+    assert np.array_equal(volume, synthetic_volume((9, 20, 30), seed=3))
+    assert not np.array_equal(volume, synthetic_volume((9, 20, 30), seed=4))
