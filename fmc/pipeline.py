@@ -10,6 +10,7 @@ Every step can be switched off (paper ablations, time planner). Heavy arrays sta
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -99,6 +100,7 @@ class FusionPipeline:
         self.device = torch.device(device)
         self.step1_model = models.step1 if config.step1 else None
         self.step2_model = models.step2 if config.step2 else None
+        self._step1_voxels_per_second: float | None = None
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
                 "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
@@ -186,7 +188,12 @@ class FusionPipeline:
         size = (self.global_size,) * 3
         small = resample_to_shape(iso, size)
         predictor = self._predictor(self.step1_model)
+        start = time.perf_counter()
         out = predictor(small[None, None])[0, 0]
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        # Free throughput figure for the planner: step 2 runs the same kind of network.
+        self._step1_voxels_per_second = math.prod(size) / max(time.perf_counter() - start, 1e-9)
         return resample_to_shape(out.float(), tuple(iso.shape))
 
     def _patch_step(
@@ -238,21 +245,22 @@ class FusionPipeline:
         raise AssertionError("unreachable: the last attempt re-raises")
 
     def _plan_step_two(self, stacked: torch.Tensor, deadline: float, reserve_seconds: float) -> StepTwoPlan:
-        """Time one real batch of patches, then let the planner pick overlap and flips."""
+        """Estimate the time of one batch of patches, then let the planner pick overlap and flips.
+
+        When step 1 ran with the same preset, its forward throughput gives the estimate for
+        free (pessimistic: it includes the first call's warm-up). Otherwise one real batch is
+        timed, after a warm-up batch on CUDA.
+        """
         assert self.step2_model is not None
         tiling = self.config.tiling
-        patch = tuple(min(p, s) for p, s in zip(tiling.patch, stacked.shape[1:], strict=True))
-        corner = stacked[:, : patch[0], : patch[1], : patch[2]]
-        batch = corner.unsqueeze(0).expand(tiling.batch, *corner.shape).contiguous()
-        forward = self._predictor(self.step2_model, tta=False)
-        forward(batch)  # warm-up: allocator, cuDNN algorithm choice
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize(batch.device)
-        start = time.perf_counter()
-        forward(batch)
-        if batch.device.type == "cuda":
-            torch.cuda.synchronize(batch.device)
-        seconds_per_batch = time.perf_counter() - start
+        voxels_per_batch = tiling.batch * math.prod(tiling.patch)
+        same_preset = (
+            self.step1_model is not None and self.step1_model.card.preset == self.step2_model.card.preset
+        )
+        if same_preset and self._step1_voxels_per_second:
+            seconds_per_batch = voxels_per_batch / self._step1_voxels_per_second
+        else:
+            seconds_per_batch = self._time_one_batch(stacked)
         return plan_step_two(
             tuple(stacked.shape[1:]),
             tiling.patch,
@@ -263,6 +271,24 @@ class FusionPipeline:
             deadline - time.perf_counter(),
             reserve_seconds,
         )
+
+    def _time_one_batch(self, stacked: torch.Tensor) -> float:
+        """Seconds for one step-2 forward of a full batch of patches taken from the volume's corner."""
+        assert self.step2_model is not None
+        tiling = self.config.tiling
+        patch = tuple(min(p, s) for p, s in zip(tiling.patch, stacked.shape[1:], strict=True))
+        corner = stacked[:, : patch[0], : patch[1], : patch[2]]
+        batch = corner.unsqueeze(0).expand(tiling.batch, *corner.shape).contiguous()
+        forward = self._predictor(self.step2_model, tta=False)
+        cuda = batch.device.type == "cuda"
+        if cuda:
+            forward(batch)  # warm-up: allocator, cuDNN algorithm choice
+            torch.cuda.synchronize(batch.device)
+        start = time.perf_counter()
+        forward(batch)
+        if cuda:
+            torch.cuda.synchronize(batch.device)
+        return time.perf_counter() - start
 
     def _predictor(
         self, loaded: LoadedModel, tta: bool | None = None

@@ -191,3 +191,13 @@ def test_out_of_memory_everywhere_on_device_ends_with_host_accumulation(monkeypa
     assert hosts[-1] == "cpu" and all(h is None for h in hosts[:-1])
     assert "accumulating on the host" in caplog.text
     assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
+
+
+def test_planner_without_step_one_times_a_real_batch_and_keeps_quality(caplog):
+    volume = _volume()
+    models = ModelSet(step1=None, step2=_loaded(FirstChannel(), 2, 2), folder=None)
+    pipe = FusionPipeline(models, PipelineConfig(step1=False, max_filter=1, tiling=SMALL_TILING))
+    with caplog.at_level(logging.INFO):
+        out, _ = pipe.run(volume, (0.6, 0.6, 0.6), deadline=time.perf_counter() + 3600)
+    assert "fits" in caplog.text and "overlap" not in caplog.text.split("fits")[0].split("planner:")[-1]
+    assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
