@@ -1,0 +1,319 @@
+"""``train.py``: prepare | fit | export | evaluate (the fmc-train image's entry point).
+
+``fit`` flags are generated from :class:`fmc.training.config.FitConfig`, one per field, so
+the typed config and the command line cannot drift apart. A flag left out keeps the
+ablation preset's value, then the dataclass default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from fmc.training.config import ABLATIONS, CHANNELS, STAGES, FitConfig, resolve_config
+
+log = logging.getLogger("fmc.train")
+
+FIT_HELP: dict[str, str] = {
+    "run_dir": "run folder: config.json, split.csv, checkpoints, logs, previews",
+    "cache": "prepared cache folder (default: <run-dir>/cache when --data or --simulate is given)",
+    "data": "raw folder of image_{N}_{channel}_{angle|fused}.tif pairs: prepared into the cache first",
+    "simulate": "simulate N pairs per channel with fmc.simulate (domain randomization) and train on them",
+    "sim_channels": "channels to simulate",
+    "sim_shape": "voxels (Z Y X) of each simulated pair",
+    "sim_seed": "base seed of the simulated pairs (channel k uses seed + k)",
+    "channels": "train on these channels only (default: all in the cache)",
+    "ablation": "Table 1 preset: " + ", ".join(ABLATIONS),
+    "step": "what to train: 1 (global), 2 (patches), both (1 then 2) or joint (both nets, one loss)",
+    "step1_enabled": "the model has the global step (off: patch-only)",
+    "step2_enabled": "the model has the patch step (off: step1-only)",
+    "step1_ckpt": "step-1 checkpoint for --step 2 (default: this run's step1/), or to start --step joint",
+    "preset": "RUNet size preset: tiny | small | paper",
+    "global_size": "edge of the step-1 global volume (the paper: 224)",
+    "patch": "edge of the step-2 training crops and inference patches",
+    "flips": "random flips on all axes",
+    "alpha": "weight of the MAE term",
+    "beta": "weight of the adversarial term (0: no discriminator)",
+    "w_ssim": "weight of a 1-SSIM term",
+    "w_pearson": "weight of a 1-Pearson term",
+    "w_cosine": "weight of a 1-cosine term",
+    "w_step1": "joint training: weight of step 1's own loss on the global volume",
+    "gan_warmup_steps": "generator steps with beta=0 before the adversarial term starts",
+    "gan_mode": "adversarial loss: bce (non-saturating) or lsgan",
+    "disc_base": "discriminator base channels",
+    "disc_levels": "discriminator levels",
+    "disc_conditional": "discriminator also sees the input view",
+    "dw": "difference weighting, eq. (2), on the final stage's output before the loss",
+    "dw_train_max_filter": "max-filter size on O' during training (0 = off)",
+    "dw_max_filter": "max-filter size on O' in the inference pipeline (validation, model card)",
+    "lr": "generator AdamW learning rate",
+    "d_lr": "discriminator AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "lr_schedule": "cosine (over --max-steps) or constant",
+    "grad_clip": "gradient norm clip (0 = off)",
+    "batch": "step-2 patches per batch (per process)",
+    "batch_global": "step-1 global volumes per batch (per process)",
+    "patches_per_case": "step-2 epoch = this many crops per training case",
+    "max_steps": "generator steps per stage (-1: no limit)",
+    "max_epochs": "epochs per stage (-1: no limit)",
+    "seed": "seed of the split, initialization and augmentation",
+    "num_workers": "data loader workers per process",
+    "precision": "auto (bf16-mixed on GPU, 32-true on CPU) or any Lightning precision",
+    "val_fraction": "fraction of image ids per (study, channel) held out for validation",
+    "val_studies": "hold out these whole studies for validation instead of a random split",
+    "split_csv": "reuse this split.csv",
+    "val_every": "validate every K epochs",
+    "val_max_cases": "validate on at most this many cases (0: all)",
+    "val_mode": "iso: cached 0.6 um volumes, pipeline core; full: source TIFFs through FusionPipeline.run",
+    "val_overlap": "patch overlap of the validation pipeline",
+    "val_batch": "patches per forward in the validation pipeline",
+    "preview_cases": "validation cases that get a MIP PNG (input | prediction | target)",
+    "accelerator": "auto | cpu | gpu",
+    "devices": "processes per node (auto: all GPUs, or 1 on CPU); >1 uses DDP",
+    "num_nodes": "nodes (DDP; works under torchrun and SLURM)",
+    "strategy": "Lightning strategy (auto: ddp when more than one process)",
+    "resume": "checkpoint to resume from, or 'last' (each stage from its last.ckpt)",
+    "log_every_n_steps": "logging interval in steps",
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "ablation": tuple(ABLATIONS),
+    "step": STAGES,
+    "preset": ("tiny", "small", "paper"),
+    "gan_mode": ("bce", "lsgan"),
+    "lr_schedule": ("cosine", "constant"),
+    "val_mode": ("iso", "full"),
+    "accelerator": ("auto", "cpu", "gpu"),
+    "sim_channels": CHANNELS,
+    "channels": CHANNELS,
+}
+
+
+def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per FitConfig field; defaults are None so only given flags override the preset."""
+    hints = typing.get_type_hints(FitConfig)
+    defaults = FitConfig()
+    for field in dataclasses.fields(FitConfig):
+        if field.name == "extra":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        preset_note = ""
+        if any(field.name in values for values in ABLATIONS.values()):
+            preset_note = " [set by --ablation]"
+        help_text = f"{FIT_HELP.get(field.name, field.name)} (default: {default}){preset_note}"
+        kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": field.name}
+        hint = hints[field.name]
+        if field.name in CHOICES:
+            kwargs["choices"] = CHOICES[field.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(default, tuple):
+            item = int if field.name in ("sim_shape", "val_studies") else str
+            nargs = 3 if field.name == "sim_shape" else "*"
+            parser.add_argument(flag, type=item, nargs=nargs, **kwargs)
+        else:
+            base = type(default) if default is not None else str
+            parser.add_argument(flag, type=base, **kwargs)
+
+
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    names = {f.name for f in dataclasses.fields(FitConfig)} - {"extra"}
+    explicit = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return resolve_config(explicit, explicit.get("ablation"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description=(
+            "Train the two-step RUNet fusion model (FuseMyCells): prepare a cache from image pairs, fit with "
+            "Lightning (one GPU, many GPUs or CPU), export safetensors weights for inference.py, evaluate "
+            "them against the identity and Gaussian baselines."
+        ),
+    )
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    parser.add_argument("--log-level", default="INFO", choices=levels, help="logging level")
+    # Also accepted after the subcommand (train.py fit ... --log-level WARNING).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="logging level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    prep = sub.add_parser(
+        "prepare",
+        parents=[common],
+        help="pair, resample (0.6 um + global) and normalize training files into a cache",
+        description=(
+            "Find image_{N}_{channel}_{angle|fused}.tif pairs in --data, report unpaired and bad files, "
+            "resample both to 0.6 um isotropic and to --global-size^3, percentile-normalize and store "
+            "float16 .npy arrays plus manifest.json in --cache. Resumable: finished cases are skipped."
+        ),
+        formatter_class=fmt,
+    )
+    prep.add_argument("--data", type=Path, required=True, help="folder of image pairs")
+    prep.add_argument("--cache", type=Path, required=True, help="cache folder (created)")
+    prep.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    prep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to resample")
+    prep.add_argument("--global-size", type=int, default=224, help="edge of the step-1 global volume")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    fit = sub.add_parser(
+        "fit",
+        parents=[common],
+        help="train step 1, step 2 or both (Lightning; DDP with --devices/--num-nodes)",
+        description=(
+            "Train the two-step model. Step 1: RUNet on global volumes; step 2: RUNet on random crops of "
+            "[input, step-1 output]. Loss alpha*MAE + beta*adversarial (+ optional SSIM/Pearson/cosine), "
+            "difference weighting before the loss. Validation runs the real inference pipeline and keeps the "
+            "checkpoint with the best mean N_SSIM. Data: --cache (prepared), --data (prepared first) or "
+            "--simulate N."
+        ),
+    )
+    _add_fit_flags(fit)
+    fit.add_argument("--prepare-workers", type=int, default=1, help="worker processes when preparing --data")
+    fit.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+    exp = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write safetensors + model cards from a checkpoint",
+        description=(
+            "Write <out>/<channel>/[study_<N>/]step{1,2}.{safetensors,json} from a checkpoint (or a run "
+            "folder: its best stage-2, else stage-1 checkpoint). inference.py and fmc.weights load these."
+        ),
+        formatter_class=fmt,
+    )
+    exp.add_argument("--ckpt", type=Path, required=True, help="checkpoint file or run folder")
+    exp.add_argument(
+        "--out", type=Path, required=True, help="weights root (e.g. model/ or resources/weights)"
+    )
+    exp.add_argument(
+        "--channel", choices=("any", "nucleus", "membrane"), default="any", help="channel folder"
+    )
+    exp.add_argument("--study", type=int, default=None, help="also nest under study_<N>/")
+    exp.add_argument(
+        "--metrics-csv", type=Path, default=None, help="evaluate's summary.csv to put in the card"
+    )
+
+    ev = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="N_SSIM of exported weights vs identity and Gaussian baselines, per channel",
+        description=(
+            "Run the inference pipeline with --weights on the pairs of --data and score N_SSIM (fmc.metrics) "
+            "beside the identity and Gaussian baselines. Writes cases.csv, summary.csv and summary.md."
+        ),
+        formatter_class=fmt,
+    )
+    ev.add_argument("--weights", type=Path, required=True, help="weights root (as inference.py --weights)")
+    ev.add_argument("--data", type=Path, required=True, help="folder of image pairs")
+    ev.add_argument("--split", choices=("all", "train", "val"), default="all", help="which cases")
+    ev.add_argument("--run", type=Path, default=None, help="run folder whose split.csv selects --split")
+    ev.add_argument("--split-csv", type=Path, default=None, help="split.csv (instead of --run)")
+    ev.add_argument("--out", type=Path, default=Path("evaluation"), help="folder for the tables")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    ev.add_argument("--channels", nargs="*", choices=CHANNELS, default=(), help="only these channels")
+    ev.add_argument("--max-cases", type=int, default=0, help="at most this many cases (0: all)")
+    ev.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
+    ev.add_argument("--batch", type=int, default=2, help="patches per forward")
+    ev.add_argument("--tta", action="store_true", help="test-time flips")
+    return parser
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fmc.training.cache import PrepareConfig, prepare_cache
+
+    manifest = prepare_cache(
+        PrepareConfig(
+            data=args.data,
+            cache=args.cache,
+            workers=args.workers,
+            device=args.device,
+            global_size=args.global_size,
+            progress=not args.no_progress,
+        )
+    )
+    print(f"prepared {len(manifest.cases)} case(s) into {args.cache}")
+    for item in manifest.failed:
+        print(f"FAILED {item['case']}: {Path(item['file']).name}: {item['reason']}")
+    for item in manifest.unpaired:
+        print(f"UNPAIRED {Path(item['file']).name}: {item['reason']}")
+    return 0 if manifest.cases else 1
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    config = _fit_config(args)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        return 0
+    from fmc.training.fit import run_fit
+
+    results = run_fit(config, prepare_workers=args.prepare_workers)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        for r in results:
+            score = "n/a" if r.best_score is None else f"{r.best_score:.4f}"
+            rate = r.throughput.get("samples_per_s", float("nan"))
+            print(
+                f"stage {r.stage}: {r.global_step} steps, {rate:.2f} samples/s, best val/n_ssim {score}, "
+                f"best {r.best_checkpoint or '-'}, last {r.last_checkpoint or '-'}"
+            )
+        print(f"export with: python train.py export --ckpt {config.run_dir} --out model/")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fmc.training.export import export_checkpoint, read_metrics_csv
+
+    metrics = read_metrics_csv(args.metrics_csv) if args.metrics_csv else None
+    stems = export_checkpoint(args.ckpt, args.out, args.channel, args.study, metrics)
+    for stem in stems:
+        print(f"wrote {stem}.safetensors and {stem}.json")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fmc.training.evaluate import EvaluateConfig, evaluate, markdown_table
+
+    split_csv = args.split_csv or (args.run / "split.csv" if args.run else None)
+    _, summary = evaluate(
+        EvaluateConfig(
+            weights=args.weights,
+            data=args.data,
+            out=args.out,
+            split_csv=split_csv,
+            subset=args.split,
+            device=args.device,
+            channels=tuple(args.channels),
+            max_cases=args.max_cases,
+            overlap=args.overlap,
+            batch=args.batch,
+            tta=args.tta,
+        )
+    )
+    print(markdown_table(summary), end="")
+    print(f"tables in {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    commands = {"prepare": cmd_prepare, "fit": cmd_fit, "export": cmd_export, "evaluate": cmd_evaluate}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2

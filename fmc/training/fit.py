@@ -1,0 +1,292 @@
+"""``train.py fit``: train the stages of the two-step model in sequence with Lightning.
+
+Run folder layout::
+
+    <run_dir>/config.json            resolved FitConfig
+    <run_dir>/split.csv              train / val per case
+    <run_dir>/step{1,2}/checkpoints  best-*.ckpt (max val/n_ssim) and last.ckpt
+    <run_dir>/step{1,2}/csv, tensorboard, previews, throughput.json
+    <run_dir>/step2/step1_outputs/   cached step-1 predictions (step-2 input channel)
+    <run_dir>/summary.json           per stage: best / last checkpoint, best N_SSIM, steps
+
+Under DDP every rank runs this whole function (Lightning relaunches the script, torchrun
+and SLURM start it N times); file writes that are not idempotent are rank-zero only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
+
+from fmc.training.callbacks import Throughput
+from fmc.training.checkpoints import load_checkpoint, step1_from_checkpoint
+from fmc.training.config import FitConfig
+from fmc.training.datamodule import FusionDataModule
+from fmc.training.module import FusionModule, network_config
+from fmc.training.sources import data_description
+from fmc.training.step1_outputs import outputs_folder, weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+DDP_TIMEOUT = timedelta(hours=2)  # rank 0 may prepare the cache inside prepare_data while the others wait
+
+
+@dataclass
+class StageResult:
+    stage: int
+    best_checkpoint: str
+    last_checkpoint: str
+    best_score: float | None
+    global_step: int
+    throughput: dict[str, float]
+
+
+def stage_dir(config: FitConfig, stage: int) -> Path:
+    return Path(config.run_dir) / f"step{stage}"
+
+
+def resolve_accelerator(config: FitConfig) -> tuple[str, int]:
+    """('gpu' | 'cpu', device count) with ``auto`` resolved, so precision and strategy can depend on it."""
+    accelerator = config.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator not in ("gpu", "cpu", "cuda"):
+        raise ValueError(f"accelerator must be auto, cpu or gpu, got {config.accelerator!r}")
+    accelerator = "gpu" if accelerator == "cuda" else accelerator
+    if config.devices == "auto":
+        devices = max(1, torch.cuda.device_count()) if accelerator == "gpu" else 1
+    else:
+        devices = int(config.devices)
+    return accelerator, devices
+
+
+def resolve_precision(config: FitConfig, accelerator: str) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "bf16-mixed" if accelerator == "gpu" else "32-true"
+
+
+def build_strategy(config: FitConfig, devices: int) -> Any:
+    """DDP when more than one process; a GAN needs ``find_unused_parameters`` (D idles in G's backward)."""
+    if config.strategy != "auto":
+        return config.strategy
+    if devices * config.num_nodes > 1:
+        return DDPStrategy(find_unused_parameters=config.beta > 0, timeout=DDP_TIMEOUT)
+    return "auto"
+
+
+def build_loggers(config: FitConfig, stage: int) -> list[Logger]:
+    """CSV always; TensorBoard when the package is importable (it is in requirements-train.txt).
+
+    Each launch (first run, every resume) gets its own ``version_N`` folder: a resume never
+    overwrites the logs of the run it continues.
+    """
+    folder = stage_dir(config, stage)
+    loggers: list[Logger] = [CSVLogger(save_dir=str(folder), name="csv")]
+    try:
+        import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(folder), name="tensorboard", default_hp_metric=False))
+    except ImportError:
+        log.info("tensorboard is not installed: logging to CSV only")
+    return loggers
+
+
+def build_trainer(config: FitConfig, stage: int) -> tuple[L.Trainer, ModelCheckpoint, Throughput]:
+    accelerator, devices = resolve_accelerator(config)
+    folder = stage_dir(config, stage)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(folder / "checkpoints"),
+        filename="best-epoch{epoch:04d}-step{step:07d}",
+        auto_insert_metric_name=False,
+        monitor="val/n_ssim",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        # Always last.ckpt, even when a moved run folder is resumed (no last-v1.ckpt beside it).
+        enable_version_counter=False,
+    )
+    throughput = Throughput(folder / "throughput.json")
+    trainer = L.Trainer(
+        default_root_dir=str(folder),
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=config.num_nodes,
+        strategy=build_strategy(config, devices),
+        precision=resolve_precision(config, accelerator),  # type: ignore[arg-type]
+        max_steps=config.max_steps,
+        max_epochs=config.max_epochs,
+        check_val_every_n_epoch=config.val_every,
+        num_sanity_val_steps=0,
+        logger=build_loggers(config, stage),
+        callbacks=[checkpoint, throughput],
+        log_every_n_steps=config.log_every_n_steps,
+        benchmark=accelerator == "gpu",
+    )
+    return trainer, checkpoint, throughput
+
+
+def find_checkpoint(config: FitConfig, stage: int, which: str) -> Path | None:
+    """``best``: the best-*.ckpt of the stage (newest if several), ``last``: last.ckpt."""
+    folder = stage_dir(config, stage) / "checkpoints"
+    if which == "last":
+        path = folder / "last.ckpt"
+        return path if path.is_file() else None
+    best = sorted(folder.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return best[-1] if best else None
+
+
+def resume_plan(config: FitConfig) -> dict[int, Path | None]:
+    """Which checkpoint each stage of this run resumes from (``None``: starts fresh)."""
+    plan: dict[int, Path | None] = dict.fromkeys(config.stages())
+    if not config.resume:
+        return plan
+    if config.resume == "last":
+        for stage in plan:
+            plan[stage] = find_checkpoint(config, stage, "last")
+        return plan
+    path = Path(config.resume)
+    stage = int(load_checkpoint(path)["hyper_parameters"]["stage"])
+    if stage not in plan:
+        raise ValueError(f"{path} is a stage-{stage} checkpoint, but this run trains stages {list(plan)}")
+    for earlier in [s for s in plan if s < stage]:
+        plan.pop(earlier)  # finished before the checkpoint was written
+    plan[stage] = path
+    return plan
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _step1_source(config: FitConfig, resume_from: Path | None, previous: StageResult | None) -> Path:
+    """Where the step-1 weights for stage 2 come from, in order of preference."""
+    if resume_from is not None:
+        return resume_from  # a stage-2 checkpoint carries its frozen step-1 network
+    if previous is not None:
+        return Path(previous.best_checkpoint or previous.last_checkpoint)
+    if config.step1_ckpt:
+        return Path(config.step1_ckpt)
+    found = find_checkpoint(config, 1, "best") or find_checkpoint(config, 1, "last")
+    if found is None:
+        raise FileNotFoundError(
+            f"stage 2 needs a trained step 1: none in {stage_dir(config, 1)}; train it (--step 1 or both) "
+            "or pass --step1-ckpt"
+        )
+    return found
+
+
+def run_stage(
+    config: FitConfig,
+    stage: int,
+    resume_from: Path | None,
+    previous: StageResult | None,
+    prepare_workers: int = 1,
+) -> StageResult:
+    """Train one stage; returns its checkpoints and best validation N_SSIM."""
+    step1_state = step1_config = None
+    if stage == 2 and config.joint:
+        # Joint: step 1 trains here too; it may start from a trained one (--step1-ckpt).
+        step1_config = network_config(config, 1).to_dict()
+        if config.step1_ckpt:
+            step1_state, step1_config = step1_from_checkpoint(Path(config.step1_ckpt))
+            log.info("joint training: step-1 network initialized from %s", config.step1_ckpt)
+    elif stage == 2 and config.step1_enabled:
+        source = _step1_source(config, resume_from, previous)
+        step1_state, step1_config = step1_from_checkpoint(source)
+        log.info("stage 2: step-1 network from %s", source)
+    module = FusionModule(config.to_dict(), stage, step1_config)
+    step1_dir = None
+    if module.step1_net is not None and step1_state is not None:
+        module.step1_net.load_state_dict(step1_state)
+    if module.step1_net is not None and not config.joint:
+        step1_dir = outputs_folder(
+            Path(config.run_dir), weights_fingerprint(module.step1_net), config.global_size
+        )
+    datamodule = FusionDataModule(
+        config,
+        stage,
+        step1_network=module.step1_net,
+        step1_network_config=step1_config,
+        step1_dir=step1_dir,
+        prepare_workers=prepare_workers,
+    )
+    trainer, checkpoint, throughput = build_trainer(config, stage)
+    log.info(
+        "stage %d: %s preset, %.2f M generator parameters, %s",
+        stage,
+        config.preset,
+        sum(p.numel() for p in module.generator.parameters()) / 1e6,
+        f"resuming from {resume_from}" if resume_from else "from scratch",
+    )
+    with warnings.catch_warnings():
+        # The frozen step-1 network is in eval mode on purpose.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    _barrier()
+    best = checkpoint.best_model_path or str(find_checkpoint(config, stage, "best") or "")
+    last = checkpoint.last_model_path or str(find_checkpoint(config, stage, "last") or "")
+    score = checkpoint.best_model_score
+    return StageResult(
+        stage=stage,
+        best_checkpoint=best,
+        last_checkpoint=last,
+        best_score=float(score) if score is not None else None,
+        global_step=int(trainer.global_step),
+        throughput=throughput.summary(),
+    )
+
+
+@rank_zero_only
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@rank_zero_only
+def _write_config(config: FitConfig) -> None:
+    config.write(Path(config.run_dir) / "config.json")
+
+
+def run_fit(config: FitConfig, *, prepare_workers: int = 1) -> list[StageResult]:
+    """Train every stage the config asks for; returns one result per stage trained."""
+    config.validate()
+    config.run_dir = str(Path(config.run_dir).resolve())
+    config.cache = str(config.cache_dir().resolve())
+    if config.data:
+        config.data = str(Path(config.data).resolve())
+    if config.step1_ckpt:
+        config.step1_ckpt = str(Path(config.step1_ckpt).resolve())
+    L.seed_everything(config.seed, workers=True)
+    plan = resume_plan(config)
+    _write_config(config)
+    results: list[StageResult] = []
+    previous: StageResult | None = None
+    for stage, resume_from in plan.items():
+        result = run_stage(config, stage, resume_from, previous, prepare_workers)
+        log.info(
+            "stage %d done: step %d, best val/n_ssim %s, best %s",
+            stage,
+            result.global_step,
+            "n/a" if result.best_score is None else f"{result.best_score:.4f}",
+            result.best_checkpoint or "(none)",
+        )
+        results.append(result)
+        previous = result
+        _write_json(Path(config.run_dir) / "data.json", data_description(config))
+    _write_json(Path(config.run_dir) / "summary.json", {"stages": [asdict(r) for r in results]})
+    return results

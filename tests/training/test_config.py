@@ -1,0 +1,78 @@
+"""FitConfig: ablation presets, explicit flags win, JSON round trip, CLI --help for every subcommand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmc.training.cli import build_parser, main
+from fmc.training.config import ABLATIONS, FitConfig, resolve_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_ablation_presets(name: str) -> None:
+    config = resolve_config({}, name)
+    for key, value in ABLATIONS[name].items():
+        assert getattr(config, key) == value
+    stages = {"step1-only": [1], "patch-only": [2]}.get(name, [1, 2])
+    assert config.stages() == stages
+
+
+def test_explicit_flags_override_the_preset() -> None:
+    config = resolve_config({"beta": 0.5, "dw": False, "patch": 32}, "adversarial-dw")
+    assert (config.beta, config.dw, config.patch) == (0.5, False, 32)
+    assert config.step1_enabled and config.step2_enabled
+
+
+def test_impossible_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="trains nothing"):
+        resolve_config({"step": "2"}, "step1-only")
+    with pytest.raises(ValueError, match="never stop"):
+        resolve_config({"max_steps": -1, "max_epochs": -1})
+
+
+def test_config_round_trip_is_plain_json(tmp_path: Path) -> None:
+    config = resolve_config({"val_studies": (2, 5), "sim_shape": (8, 16, 16)})
+    config.write(tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["val_studies"] == [2, 5]
+    assert FitConfig.from_dict(data) == config
+
+
+def test_cli_flags_reach_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["fit", "--ablation", "two-step", "--patch", "48", "--no-flips", "--val-studies", "1", "3"]
+    argv += ["--sim-shape", "8", "16", "16", "--devices", "2", "--print-config"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["patch"] == 48 and data["flips"] is False and data["beta"] == 0.0
+    assert data["val_studies"] == [1, 3] and data["sim_shape"] == [8, 16, 16] and data["devices"] == "2"
+
+
+def test_every_subcommand_has_help() -> None:
+    parser = build_parser()
+    for command in ("prepare", "fit", "export", "evaluate"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_train_py_help_runs_as_a_script() -> None:
+    result = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    for command in ("prepare", "fit", "export", "evaluate"):
+        assert command in result.stdout
+
+
+def test_discriminator_depth_must_fit_the_patch() -> None:
+    with pytest.raises(ValueError, match="disc-levels"):
+        resolve_config({"patch": 8, "disc_levels": 4})
+    assert resolve_config({"patch": 8, "disc_levels": 3}).patch == 8
+    assert resolve_config({"patch": 8, "disc_levels": 4, "beta": 0.0}).beta == 0.0  # no discriminator

@@ -1,0 +1,108 @@
+"""Export -> safetensors + cards that fmc.weights loads, fmc.pipeline runs and inference.py uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fmc.io import read_case
+from fmc.weights import discover_models, load_model
+
+from fmc.pipeline import FusionPipeline
+from fmc.training.cli import main
+from fmc.training.evaluate import pipeline_config_for
+
+from .conftest import GLOBAL_SIZE, PATCH
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def exported(fit_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    assert main(["export", "--ckpt", str(fit_run), "--out", str(out), "--channel", "nucleus"]) == 0
+    return out
+
+
+def test_export_writes_both_steps_with_cards(exported: Path) -> None:
+    for step in (1, 2):
+        loaded = load_model(exported / "nucleus" / f"step{step}")
+        card = loaded.card
+        assert card.step == step and card.preset == "tiny"
+        assert card.normalization["method"] == "percentile"
+        assert card.training["pipeline"]["global_size"] == GLOBAL_SIZE
+        assert card.training["split"]["val_cases"] == ["image_1_membrane", "image_1_nucleus"]
+        assert card.training["data"]["cases"] == 4
+        assert "val_n_ssim" in card.metrics and card.created
+    card = json.loads((exported / "nucleus" / "step2.json").read_text())
+    assert card["config"]["in_channels"] == 2
+
+
+def test_exported_model_runs_in_the_pipeline(exported: Path, sim_data: Path) -> None:
+    models = discover_models(exported, "nucleus", None)
+    assert models.step1 is not None and models.step2 is not None
+    config = pipeline_config_for(models, overlap=0.0, batch=2, tta=False, device=torch.device("cpu"))
+    assert config.global_size == GLOBAL_SIZE and config.tiling.patch == (PATCH,) * 3
+    case = read_case(sim_data / "image_1_nucleus_angle.tif")
+    pipeline = FusionPipeline(models, config, "cpu")
+    fused, timings = pipeline.run(case.volume, case.meta.spacing)
+    assert fused.shape == case.volume.shape and fused.dtype == np.uint16
+    assert "step1" in timings and "step2" in timings
+
+
+def test_inference_py_runs_on_exported_weights(exported: Path, sim_data: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    (inputs / "image_1_nucleus_angle.tif").write_bytes((sim_data / "image_1_nucleus_angle.tif").read_bytes())
+    output = tmp_path / "output"
+    command = [sys.executable, "inference.py", "--input", str(inputs), "--output", str(output)]
+    command += ["--weights", str(exported), "--device", "cpu", "--patch", str(PATCH), "--overlap", "0"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = read_case(output / "image_1_nucleus_angle.tif")
+    assert written.volume.shape == read_case(inputs / "image_1_nucleus_angle.tif").volume.shape
+
+
+def test_evaluate_tables_put_the_model_beside_the_baselines(
+    exported: Path, sim_data: Path, fit_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        "--weights",
+        str(exported),
+        "--data",
+        str(sim_data),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    args += ["--channels", "nucleus", "--overlap", "0", "--split", "val", "--run", str(fit_run)]
+    assert main(args) == 0
+    summary = (out / "summary.md").read_text()
+    assert "| nucleus | 1 |" in summary  # only the validation id of the run's split.csv
+    assert "image_1_nucleus" in (out / "cases.csv").read_text()
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0] == "channel,method,cases,n_ssim_mean,n_ssim_std"
+    methods = {line.split(",")[1]: float(line.split(",")[3]) for line in rows[1:]}
+    assert set(methods) == {"identity", "gaussian", "model"}
+    assert abs(methods["identity"]) < 1e-6
+
+
+def test_export_refuses_a_pickled_checkpoint(tmp_path: Path) -> None:
+    import pickle
+
+    bad = tmp_path / "evil.ckpt"
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad.write_bytes(pickle.dumps({"state_dict": {}, "hyper_parameters": Payload()}))
+    assert main(["export", "--ckpt", str(bad), "--out", str(tmp_path / "out")]) == 2
