@@ -13,14 +13,14 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fmc.io import CaseError, list_cases, read_case, write_prediction
-from fmc.pipeline import FusionPipeline, PipelineConfig
+from fmc.pipeline import FusionPipeline, PipelineConfig, trained_settings
 from fmc.planner import DEFAULT_BUDGET_SECONDS, SAFETY_MARGIN_SECONDS
 from fmc.tiling import TilingConfig
 from fmc.weights import ModelSet, WeightsError, WeightsNotFoundError, discover_models
@@ -28,6 +28,7 @@ from fmc.weights import ModelSet, WeightsError, WeightsNotFoundError, discover_m
 log = logging.getLogger("fmc")
 
 PLATFORM_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
+DEFAULT_PATCH = 128
 PLATFORM_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
 
 
@@ -41,6 +42,7 @@ class InferenceOptions:
     device: str = "auto"
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     preview: bool = False
+    patch: int | None = None  # None: the model card's training patch, else DEFAULT_PATCH
     budget_seconds: float | None = DEFAULT_BUDGET_SECONDS - SAFETY_MARGIN_SECONDS
     gpu_memory_gib: float | None = None
 
@@ -139,7 +141,11 @@ def _fuse_one(
     key = (meta.channel, meta.study)
     if key not in pipelines:
         models: ModelSet = discover_models(options.weights, meta.channel, meta.study, device=device)
-        pipelines[key] = FusionPipeline(models, options.pipeline, device)
+        config = options.pipeline
+        if options.patch is None:  # the patch the model was trained and validated with
+            edge = int(trained_settings(models).get("patch", DEFAULT_PATCH))
+            config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))
+        pipelines[key] = FusionPipeline(models, config, device)
     pipeline = pipelines[key]
     fused, timings = pipeline.run(case.volume, meta.spacing, deadline=deadline)
     write_start = time.perf_counter()
@@ -200,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
     parser.add_argument("--overlap", type=float, default=0.5, help="patch overlap fraction in [0, 1)")
-    parser.add_argument("--patch", type=int, default=128, help="step-2 patch edge in voxels (cube)")
+    parser.add_argument(
+        "--patch",
+        type=int,
+        default=None,
+        help=f"step-2 patch edge in voxels (default: the model's training patch, else {DEFAULT_PATCH})",
+    )
     parser.add_argument("--batch", type=int, default=2, help="patches per forward pass")
     parser.add_argument(
         "--autocast",
@@ -241,12 +252,12 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
     """Turn parsed flags into typed options, refusing values that cannot work."""
     if not 0 <= args.overlap < 1:
         raise SystemExit(f"--overlap must be in [0, 1), got {args.overlap}")
-    if args.patch < 8 or args.batch < 1:
+    if (args.patch is not None and args.patch < 8) or args.batch < 1:
         raise SystemExit("--patch must be >= 8 and --batch >= 1")
     if args.max_filter < 1 or args.max_filter % 2 == 0:
         raise SystemExit(f"--max-filter must be odd and >= 1, got {args.max_filter}")
     tiling = TilingConfig(
-        patch=(args.patch,) * 3,
+        patch=(args.patch or DEFAULT_PATCH,) * 3,
         overlap=args.overlap,
         batch=args.batch,
         autocast=None if args.autocast == "none" else args.autocast,
@@ -267,6 +278,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         device=args.device,
         pipeline=pipeline,
         preview=args.preview,
+        patch=args.patch,
         budget_seconds=args.budget_seconds if args.budget_seconds > 0 else None,
         gpu_memory_gib=args.gpu_memory_gib,
     )

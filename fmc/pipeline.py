@@ -46,6 +46,17 @@ class PipelineConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
 
+def trained_settings(models: ModelSet) -> dict:
+    """Pipeline settings the models were trained and validated with (``card.training["pipeline"]``)."""
+    settings: dict = {}
+    for loaded in (models.step1, models.step2):
+        if loaded is not None:
+            settings.update(loaded.card.training.get("pipeline", {}))
+            if "global_size" in loaded.card.training:
+                settings.setdefault("global_size", loaded.card.training["global_size"])
+    return settings
+
+
 def difference_weighting(inp: torch.Tensor, initial: torch.Tensor, max_filter: int = 0) -> torch.Tensor:
     """Eq. (2): ``O = (1 - D) * I + D * O'`` with ``D = |I - O'|`` min-max normalized to [0, 1].
 
@@ -58,8 +69,8 @@ def difference_weighting(inp: torch.Tensor, initial: torch.Tensor, max_filter: i
         initial = _max_filter3d(initial, max_filter)
     diff = (inp - initial).abs()
     low, high = diff.amin(), diff.amax()
-    span = high - low
-    weight = (diff - low) / span if float(span) > 0 else torch.zeros_like(diff)
+    # clamp instead of a branch: no host sync, no grad warning, and D = 0 for a zero span.
+    weight = (diff - low) / (high - low).clamp_min(torch.finfo(diff.dtype).tiny)
     return (1 - weight) * inp + weight * initial
 
 
@@ -114,7 +125,7 @@ class FusionPipeline:
         """Step-1 cube edge: the configured one, else the size the step-1 model was trained at."""
         if self.config.global_size is not None:
             return self.config.global_size
-        trained = self.step1_model.card.training.get("global_size") if self.step1_model else None
+        trained = trained_settings(ModelSet(self.step1_model, None, None)).get("global_size")
         return int(trained or DEFAULT_GLOBAL_SIZE)
 
     def describe(self) -> str:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from fmc.io import CaseError, read_case
 from fmc.metrics import gaussian_baseline, n_ssim
-from fmc.pipeline import FusionPipeline, PipelineConfig
+from fmc.pipeline import FusionPipeline, PipelineConfig, trained_settings
 from fmc.tiling import TilingConfig
 from fmc.training.pairs import PairedFiles, find_pairs, reconcile
 from fmc.training.split import read_split
@@ -61,10 +61,7 @@ def pipeline_config_for(
     models: ModelSet, overlap: float, batch: int, tta: bool, device: torch.device
 ) -> PipelineConfig:
     """The pipeline as the model was trained: global size, patch and DW from the model cards."""
-    settings: dict[str, Any] = {}
-    for loaded in (models.step1, models.step2):
-        if loaded is not None:
-            settings.update(loaded.card.training.get("pipeline", {}))
+    settings = trained_settings(models)
     patch = int(settings.get("patch", 128))
     tiling = TilingConfig(
         patch=(patch,) * 3, overlap=overlap, batch=batch, autocast="bf16" if device.type == "cuda" else None
