@@ -145,6 +145,8 @@ def run_evaluation(
     pred_dir = Path(pred_dir) if pred_dir is not None else None
     result = FolderEvaluation()
     inputs = list_cases(input_dir) if input_dir.is_dir() else []
+    # A folder of training pairs holds the targets too: a *_fused file is ground truth, never an input.
+    inputs = [p for p in inputs if "_fused" not in p.name]
     if not inputs:
         result.problems.append(f"{input_dir}: no .tif/.tiff files to score")
         return result

@@ -159,3 +159,16 @@ def test_bad_files_and_shape_mismatch_are_reported_and_others_scored(folders: di
     assert len(result.problems) == 2
     assert any(p.startswith("image_2_nucleus_angle.tif: shape mismatch") for p in result.problems)
     assert any(p.startswith("image_9_nucleus_angle.tif: ") for p in result.problems)
+
+
+def test_fused_files_in_the_input_folder_are_not_scored_as_inputs(tmp_path):
+    from fmc.evaluate import evaluate_folder
+    from fmc.io import write_volume
+
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 1000, size=(16, 24, 24)).astype(np.uint16)
+    view = (truth // 2 + rng.integers(0, 50, size=truth.shape)).astype(np.uint16)
+    for name, volume in (("image_1_nucleus_angle.tif", view), ("image_1_nucleus_fused.tif", truth)):
+        write_volume(tmp_path / name, volume, spacing=(1.0, 0.5, 0.5), channel="nucleus", study=1)
+    rows = evaluate_folder(tmp_path, tmp_path, baseline="identity")
+    assert [row["case"] for row in rows] == ["image_1_nucleus_angle.tif"]
