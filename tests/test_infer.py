@@ -14,8 +14,6 @@ import torch
 
 from fmc.infer import main
 from fmc.io import read_case, write_volume
-from fmc.network import RUNet, preset
-from fmc.weights import ModelCard, save_model
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [
@@ -32,23 +30,9 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """A tiny random two-step model in the 'any' channel folder, written through fmc.weights."""
-    root = tmp_path_factory.mktemp("weights")
-    for step, channels in ((1, 1), (2, 2)):
-        torch.manual_seed(step)
-        config = preset("tiny", in_channels=channels)
-        card = ModelCard(
-            step=step,
-            preset="tiny",
-            config=config.to_dict(),
-            normalization={"method": "percentile", "low": 2.0, "high": 99.8},
-            training={"data": "random weights for tests"},
-        )
-        (root / "any").mkdir(exist_ok=True)
-        save_model(root / "any" / f"step{step}", RUNet(config), card)
-    return root
+@pytest.fixture
+def weights(tiny_weights: Path) -> Path:
+    return tiny_weights
 
 
 def _good_volume(shape=(12, 40, 40), seed=0) -> np.ndarray:
