@@ -1,0 +1,33 @@
+# Grand-Challenge inference container for FuseMyCells: /input -> /output, no network.
+# Torch (CUDA build) comes from the base image; requirements.txt must not reinstall it.
+# BASE_IMAGE can be overridden (tests build this file on a local CPU stand-in).
+ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.6-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /opt/app
+
+# One layer for the non-root `user` (uid 1001) and the dependencies (under the
+# vfs storage driver each layer is a full copy). The constraint pins the base
+# image's torch: a requirement that wants another torch fails the build instead
+# of silently replacing the CUDA build.
+COPY requirements.txt /tmp/requirements.txt
+RUN groupadd -r -g 1001 user \
+ && useradd -m --no-log-init -r -u 1001 -g user user \
+ && python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/constraints.txt \
+ && python -m pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt /tmp/constraints.txt \
+ && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+# Weights change less often than code: copy them first for the layer cache.
+COPY --chown=user:user resources/ /opt/app/resources/
+COPY --chown=user:user fmc/ /opt/app/fmc/
+COPY --chown=user:user inference.py /opt/app/
+
+# The numeric id of `user`: runtimes can check it is not root without /etc/passwd.
+USER 1001:1001
+ENTRYPOINT ["python", "inference.py"]
