@@ -20,8 +20,10 @@ from fmc.training.config import ABLATIONS, CHANNELS, STAGES, FitConfig, resolve_
 
 log = logging.getLogger("fmc.train")
 
+#: Extra spellings users expect, e.g. ``fit --data /data --out /runs/NAME`` in the README.
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"run_dir": ("--out",)}
 FIT_HELP: dict[str, str] = {
-    "run_dir": "run folder: config.json, split.csv, checkpoints, logs, previews",
+    "run_dir": "run folder (alias --out): config.json, split.csv, checkpoints, logs, previews",
     "cache": "prepared cache folder (default: <run-dir>/cache when --data or --simulate is given)",
     "data": "raw folder of image_{N}_{channel}_{angle|fused}.tif pairs: prepared into the cache first",
     "simulate": "simulate N pairs per channel with fmc.simulate (domain randomization) and train on them",
@@ -102,6 +104,7 @@ def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
         if field.name == "extra":
             continue
         flag = "--" + field.name.replace("_", "-")
+        flags = (flag, *FLAG_ALIASES.get(field.name, ()))
         default = getattr(defaults, field.name)
         preset_note = ""
         if any(field.name in values for values in ABLATIONS.values()):
@@ -112,14 +115,14 @@ def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
         if field.name in CHOICES:
             kwargs["choices"] = CHOICES[field.name]
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):
             item = int if field.name in ("sim_shape", "val_studies") else str
             nargs = 3 if field.name == "sim_shape" else "*"
-            parser.add_argument(flag, type=item, nargs=nargs, **kwargs)
+            parser.add_argument(*flags, type=item, nargs=nargs, **kwargs)
         else:
             base = type(default) if default is not None else str
-            parser.add_argument(flag, type=base, **kwargs)
+            parser.add_argument(*flags, type=base, **kwargs)
 
 
 def _fit_config(args: argparse.Namespace) -> FitConfig:

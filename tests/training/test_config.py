@@ -76,3 +76,10 @@ def test_discriminator_depth_must_fit_the_patch() -> None:
         resolve_config({"patch": 8, "disc_levels": 4})
     assert resolve_config({"patch": 8, "disc_levels": 3}).patch == 8
     assert resolve_config({"patch": 8, "disc_levels": 4, "beta": 0.0}).beta == 0.0  # no discriminator
+
+
+def test_fit_accepts_out_as_the_run_folder(tmp_path, capsys):
+    from fmc.training.cli import main
+
+    assert main(["fit", "--out", str(tmp_path / "run"), "--print-config"]) == 0
+    assert f'"run_dir": "{tmp_path / "run"}"' in capsys.readouterr().out
