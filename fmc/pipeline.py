@@ -52,8 +52,6 @@ def trained_settings(models: ModelSet) -> dict:
     for loaded in (models.step1, models.step2):
         if loaded is not None:
             settings.update(loaded.card.training.get("pipeline", {}))
-            if "global_size" in loaded.card.training:
-                settings.setdefault("global_size", loaded.card.training["global_size"])
     return settings
 
 

@@ -19,7 +19,7 @@ def write_tiny_weights(root: Path, global_size: int = 32) -> Path:
             preset="tiny",
             config=config.to_dict(),
             normalization={"method": "percentile", "low": 2.0, "high": 99.8},
-            training={"data": "random weights for tests", "global_size": global_size},
+            training={"data": "random weights for tests", "pipeline": {"global_size": global_size}},
         )
         save_model(root / "any" / f"step{step}", RUNet(config), card)
     return root
