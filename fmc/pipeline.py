@@ -18,12 +18,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from fmc.difference_weighting import difference_weighting_
 from fmc.metrics import percentile_bounds
 from fmc.planner import StepTwoPlan, plan_step_two
-from fmc.resample import isotropic_shape, resample_to_shape
-from fmc.tiling import TilingConfig, sliding_window_inference
+from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
+from fmc.tiling import PatchSource, TilingConfig, sliding_window_inference
 from fmc.weights import LoadedModel, ModelSet
 
 log = logging.getLogger(__name__)
@@ -55,33 +55,6 @@ def trained_settings(models: ModelSet) -> dict:
     return settings
 
 
-def difference_weighting(inp: torch.Tensor, initial: torch.Tensor, max_filter: int = 0) -> torch.Tensor:
-    """Eq. (2): ``O = (1 - D) * I + D * O'`` with ``D = |I - O'|`` min-max normalized to [0, 1].
-
-    Where the network barely changed the input, the input is kept; where it changed it
-    most, its output wins. At inference ``O'`` is first maximum-filtered (odd size
-    ``max_filter``; 0 or 1 = off) to smooth it. Works on any shape with the spatial
-    dims last (ZYX, CZYX or BCZYX).
-    """
-    if max_filter > 1:
-        initial = _max_filter3d(initial, max_filter)
-    diff = (inp - initial).abs()
-    low, high = diff.amin(), diff.amax()
-    # clamp instead of a branch: no host sync, no grad warning, and D = 0 for a zero span.
-    weight = (diff - low) / (high - low).clamp_min(torch.finfo(diff.dtype).tiny)
-    return (1 - weight) * inp + weight * initial
-
-
-def _max_filter3d(volume: torch.Tensor, size: int) -> torch.Tensor:
-    """Grey-level dilation with a cube of odd ``size``; borders use the valid neighbourhood."""
-    if size % 2 == 0:
-        raise ValueError(f"max_filter must be odd, got {size}")
-    shape = volume.shape
-    batched = volume.reshape((-1, 1, *shape[-3:]))
-    out = F.max_pool3d(batched, kernel_size=size, stride=1, padding=size // 2)
-    return out.reshape(shape)
-
-
 @contextmanager
 def _timed(timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
     """Record wall seconds of a stage; synchronizes CUDA so the figure is the stage's own."""
@@ -99,6 +72,41 @@ def _volume_to_device(volume: np.ndarray, device: torch.device, slab: int = 32) 
         part = np.asarray(volume[z : z + slab], dtype=np.float32)
         out[z : z + slab] = torch.from_numpy(part).to(device, non_blocking=False)
     return out
+
+
+class StepTwoInputs:
+    """Step 2's input channels, [0.6 um input, step-1 output], served one patch at a time.
+
+    The step-1 output stays at its global size and each patch of it is upsampled on demand,
+    so step 2 holds one full-size volume (the input) instead of three (input, step-1 output
+    and their stacked copy): 6.4 GB less for study 5.
+    """
+
+    def __init__(self, iso: torch.Tensor, step1_small: torch.Tensor | None, channels: int) -> None:
+        if channels not in (1, 2):
+            raise ValueError(f"step-2 model expects {channels} input channels; the pipeline provides 1 or 2")
+        self.iso = iso
+        self.channels = channels
+        # Without step 1 (ablation) the input itself stands in for its output, as in the paper's table.
+        use_step1 = channels == 2 and step1_small is not None
+        self.upsampler = RegionResampler(step1_small, tuple(iso.shape)) if use_step1 else None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.iso.shape
+        return (int(z), int(y), int(x))
+
+    @property
+    def device(self) -> torch.device:
+        return self.iso.device
+
+    def patch(self, start: tuple[int, int, int], size: tuple[int, int, int]) -> torch.Tensor:
+        (z, y, x), (pz, py, px) = start, size
+        image = self.iso[z : z + pz, y : y + py, x : x + px]
+        if self.channels == 1:
+            return image[None]
+        second = image if self.upsampler is None else self.upsampler.region(start, size)
+        return torch.stack([image, second])
 
 
 class FusionPipeline:
@@ -163,12 +171,12 @@ class FusionPipeline:
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             del iso
             with _timed(timings, "resample_out", dev):
-                back = resample_to_shape(prediction, tuple(volume.shape))
-                del prediction
-            with _timed(timings, "to_uint16", dev):
-                result = _to_uint16(back, lo, hi)
+                result = np.empty(volume.shape, dtype=np.uint16)
+                for z0, slab in resample_slabs(prediction, tuple(volume.shape)):
+                    result[z0 : z0 + slab.shape[0]] = _to_uint16(slab, lo, hi)
         return result, timings
 
+    @torch.inference_mode()  # also when training's validation calls it under no_grad only
     def predict_isotropic(
         self,
         iso: torch.Tensor,
@@ -179,20 +187,29 @@ class FusionPipeline:
         """Steps 1, 2 and DW on a normalized (Z,Y,X) volume at 0.6 um; returns the same shape."""
         timings = {} if timings is None else timings
         dev = iso.device
-        initial = iso
+        step1_small = None
         if self.step1_model is not None:
             with _timed(timings, "step1", dev):
-                initial = self._global_step(iso)
+                step1_small = self._global_step(iso)
+        prediction = None
         if self.step2_model is not None:
             with _timed(timings, "step2", dev):
-                initial = self._patch_step(iso, initial, deadline, reserve_seconds)
+                prediction = self._patch_step(iso, step1_small, deadline, reserve_seconds)
+        if prediction is None:  # step 2 off or skipped by the planner: step 1 at full resolution
+            with _timed(timings, "step1_upsample", dev):
+                prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
+        del step1_small
         if self.config.difference_weighting:
             with _timed(timings, "dw", dev):
-                initial = difference_weighting(iso, initial, self.config.max_filter)
-        return initial
+                prediction = difference_weighting_(iso, prediction, self.config.max_filter)
+        return prediction
 
     def _global_step(self, iso: torch.Tensor) -> torch.Tensor:
-        """Step 1: the whole volume at ``global_size``^3 through RUNet_1, then back to the 0.6 um grid."""
+        """Step 1: the whole volume at ``global_size``^3 through RUNet_1; returns that small output.
+
+        It is brought back to the 0.6 um grid later: patch by patch for step 2, or whole when
+        step 2 does not run.
+        """
         assert self.step1_model is not None
         size = (self.global_size,) * 3
         small = resample_to_shape(iso, size)
@@ -203,40 +220,42 @@ class FusionPipeline:
             torch.cuda.synchronize(out.device)
         # Free throughput figure for the planner: step 2 runs the same kind of network.
         self._step1_voxels_per_second = math.prod(size) / max(time.perf_counter() - start, 1e-9)
-        return resample_to_shape(out.float(), tuple(iso.shape))
+        return out.float()
 
     def _patch_step(
-        self, iso: torch.Tensor, step1_output: torch.Tensor, deadline: float | None, reserve_seconds: float
-    ) -> torch.Tensor:
+        self,
+        iso: torch.Tensor,
+        step1_small: torch.Tensor | None,
+        deadline: float | None,
+        reserve_seconds: float,
+    ) -> torch.Tensor | None:
         """Step 2: RUNet_2 on overlapping patches of [input, step-1 output], Hann-blended.
 
         With a deadline, the planner may lower the overlap, drop flips, or skip step 2
-        (returning the step-1 output) so that an output is always written in time.
+        (returning None: use the step-1 output) so that an output is always written in time.
         """
         assert self.step2_model is not None
         wanted = int(self.step2_model.card.config.get("in_channels", 2))
-        if wanted not in (1, 2):
-            raise ValueError(f"step-2 model expects {wanted} input channels; the pipeline provides 1 or 2")
-        stacked = torch.stack([iso, step1_output][:wanted])
+        source = StepTwoInputs(iso, step1_small, wanted)
         tiling, tta = self.config.tiling, self.config.tta
         if deadline is not None:
-            plan = self._plan_step_two(stacked, deadline, reserve_seconds)
+            plan = self._plan_step_two(source, deadline, reserve_seconds)
             log.info("planner: %s", plan.reason)
             if not plan.run:
-                return step1_output
+                return None
             tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
-        return self._tile_with_retries(stacked, self._predictor(self.step2_model, tta), tiling)[0]
+        return self._tile_with_retries(source, self._predictor(self.step2_model, tta), tiling)[0]
 
     def _tile_with_retries(
-        self, stacked: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor], tiling: TilingConfig
+        self, source: PatchSource, predictor: Callable[[torch.Tensor], torch.Tensor], tiling: TilingConfig
     ) -> torch.Tensor:
         """Sliding windows; on GPU out-of-memory retry: half batch, smaller patch, then sums on the host."""
         tiling = replace(tiling, autocast=None)  # the predictor applies autocast itself
         attempts = out_of_memory_fallbacks(tiling)
         for number, (config, accumulate_on) in enumerate(attempts):
             try:
-                out = sliding_window_inference(stacked, predictor, config, accumulate_on=accumulate_on)
-                return out.to(stacked.device)
+                out = sliding_window_inference(source, predictor, config, accumulate_on=accumulate_on)
+                return out.to(source.device)
             except torch.cuda.OutOfMemoryError:
                 if number + 1 == len(attempts):
                     raise
@@ -253,7 +272,7 @@ class FusionPipeline:
                     torch.cuda.empty_cache()
         raise AssertionError("unreachable: the last attempt re-raises")
 
-    def _plan_step_two(self, stacked: torch.Tensor, deadline: float, reserve_seconds: float) -> StepTwoPlan:
+    def _plan_step_two(self, source: StepTwoInputs, deadline: float, reserve_seconds: float) -> StepTwoPlan:
         """Estimate the time of one batch of patches, then let the planner pick overlap and flips.
 
         When step 1 ran with the same preset, its forward throughput gives the estimate for
@@ -269,9 +288,9 @@ class FusionPipeline:
         if same_preset and self._step1_voxels_per_second:
             seconds_per_batch = voxels_per_batch / self._step1_voxels_per_second
         else:
-            seconds_per_batch = self._time_one_batch(stacked)
+            seconds_per_batch = self._time_one_batch(source)
         return plan_step_two(
-            tuple(stacked.shape[1:]),
+            source.shape,
             tiling.patch,
             tiling.batch,
             tiling.overlap,
@@ -281,12 +300,16 @@ class FusionPipeline:
             reserve_seconds,
         )
 
-    def _time_one_batch(self, stacked: torch.Tensor) -> float:
+    def _time_one_batch(self, source: StepTwoInputs) -> float:
         """Seconds for one step-2 forward of a full batch of patches taken from the volume's corner."""
         assert self.step2_model is not None
         tiling = self.config.tiling
-        patch = tuple(min(p, s) for p, s in zip(tiling.patch, stacked.shape[1:], strict=True))
-        corner = stacked[:, : patch[0], : patch[1], : patch[2]]
+        patch = (
+            min(tiling.patch[0], source.shape[0]),
+            min(tiling.patch[1], source.shape[1]),
+            min(tiling.patch[2], source.shape[2]),
+        )
+        corner = source.patch((0, 0, 0), patch)
         batch = corner.unsqueeze(0).expand(tiling.batch, *corner.shape).contiguous()
         forward = self._predictor(self.step2_model, tta=False)
         cuda = batch.device.type == "cuda"
@@ -348,11 +371,11 @@ def out_of_memory_fallbacks(
     return ladder
 
 
-def _to_uint16(volume: torch.Tensor, low: float, high: float, slab: int = 32) -> np.ndarray:
-    """Map a normalized prediction back to the input's (p2, p99.8) range; clip, round, copy as uint16."""
-    out = np.empty(tuple(volume.shape), dtype=np.uint16)
+def _to_uint16(slab: torch.Tensor, low: float, high: float) -> np.ndarray:
+    """Map a normalized prediction slab back to the input's (p2, p99.8) range; clip, round, uint16.
+
+    Converted on the device, so the copy to the host moves 2 bytes per voxel, not 4.
+    """
     scale = high - low if high > low else 1.0
-    for z in range(0, volume.shape[0], slab):
-        part = (volume[z : z + slab] * scale + low).clamp_(0, UINT16_MAX).round_()
-        out[z : z + slab] = part.to(torch.int32).cpu().numpy().astype(np.uint16)
-    return out
+    part = (slab * scale + low).clamp_(0, UINT16_MAX).round_()
+    return part.to(torch.uint16).cpu().numpy()

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,46 @@ class TilingConfig:
             raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
         if not 0.0 < self.window_floor <= 1.0:
             raise ValueError(f"window_floor must be in (0, 1], got {self.window_floor}")
+
+
+class PatchSource(Protocol):
+    """Where the patches come from when the input is not one stored (C, Z, Y, X) tensor.
+
+    Why: step 2's second channel (the step-1 output) can be upsampled per patch instead of stored
+    at full resolution; a source hands out each patch on demand.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial size (Z, Y, X)."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def patch(self, start: Shape3, size: Shape3) -> torch.Tensor:
+        """The (C, *size) box at ``start``; ``start + size`` lies inside ``shape``."""
+        ...
+
+
+class TensorSource:
+    """A stored (C, Z, Y, X) tensor as a :class:`PatchSource` (patches are views)."""
+
+    def __init__(self, volume: torch.Tensor) -> None:
+        self.volume = volume
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.volume.shape[1:]
+        return (int(z), int(y), int(x))
+
+    @property
+    def device(self) -> torch.device:
+        return self.volume.device
+
+    def patch(self, start: Shape3, size: Shape3) -> torch.Tensor:
+        (z, y, x), (pz, py, px) = start, size
+        return self.volume[:, z : z + pz, y : y + py, x : x + px]
 
 
 def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -226,7 +267,7 @@ def _autocast_dtype(config: TilingConfig, device: torch.device) -> torch.dtype |
 
 
 def sliding_window_inference(
-    volume: torch.Tensor,
+    volume: torch.Tensor | PatchSource,
     predictor: Callable[[torch.Tensor], torch.Tensor],
     config: TilingConfig,
     *,
@@ -235,26 +276,35 @@ def sliding_window_inference(
 ) -> torch.Tensor:
     """Run ``predictor`` on overlapping patches of a (C, Z, Y, X) volume and blend the outputs.
 
-    ``predictor`` maps (B, C, pz, py, px) to (B, C_out, pz, py, px); C_out comes from its first
-    call. Returns (C_out, Z, Y, X) float32 on the volume's device. Axes shorter than the patch are
-    reflect-padded and cropped back. Accumulation stays on the device; memory is the input plus
-    one output volume plus a batch of patches. ``accumulate_on`` moves the output volume elsewhere
-    (the host, when the GPU is out of memory); the result is then returned on that device.
+    ``volume`` is a tensor or a :class:`PatchSource`. ``predictor`` maps (B, C, pz, py, px) to
+    (B, C_out, pz, py, px); C_out comes from its first call. Returns (C_out, Z, Y, X) float32 on
+    the volume's device. Axes shorter than the patch are reflect-padded and cropped back (a source
+    is then read whole first: it is small). Accumulation stays on the device; memory is the input
+    plus one output volume plus a batch of patches. ``accumulate_on`` moves the output volume
+    elsewhere (the host, when the GPU is out of memory); the result is then returned on that device.
     """
-    if volume.dim() != 4:
-        raise ValueError(f"volume must be (C, Z, Y, X), got shape {tuple(volume.shape)}")
-    if min(volume.shape) < 1:
-        raise ValueError(f"volume is empty: shape {tuple(volume.shape)}")
-    device = volume.device
+    if isinstance(volume, torch.Tensor):
+        if volume.dim() != 4:
+            raise ValueError(f"volume must be (C, Z, Y, X), got shape {tuple(volume.shape)}")
+        if min(volume.shape) < 1:
+            raise ValueError(f"volume is empty: shape {tuple(volume.shape)}")
+        source: PatchSource = TensorSource(volume)
+    else:
+        source = volume
+    device = source.device
     target = device if accumulate_on is None else torch.device(accumulate_on)
     patch: Shape3 = config.patch
-    original = tuple(volume.shape[1:])
+    original = source.shape
     floor = float(config.window_floor)
     dtype = _autocast_dtype(config, device)
 
     with torch.inference_mode():
-        padded, before = _pad_to_patch(volume, patch)
-        spatial = tuple(padded.shape[1:])
+        before = [0, 0, 0]
+        if any(size < p for size, p in zip(original, patch, strict=True)):
+            whole = source.patch((0, 0, 0), original)
+            padded, before = _pad_to_patch(whole, patch)
+            source = TensorSource(padded)
+        spatial = source.shape
         starts = [patch_starts(spatial[a], patch[a], config.overlap) for a in range(3)]
         indices = list(product(*(range(len(s)) for s in starts)))
         profiles = [_axis_profiles(starts[a], patch[a]) for a in range(3)]
@@ -281,9 +331,7 @@ def sliding_window_inference(
             for b0 in range(0, len(indices), config.batch):
                 chunk = indices[b0 : b0 + config.batch]
                 corners = [(starts[0][i], starts[1][j], starts[2][k]) for i, j, k in chunk]
-                batch = torch.stack(
-                    [padded[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in corners]
-                )
+                batch = torch.stack([source.patch(corner, patch) for corner in corners])
                 if dtype is None:
                     pred = predictor(batch)
                 else:

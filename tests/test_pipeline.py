@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from fmc.network import RUNet, preset
-from fmc.pipeline import FusionPipeline, PipelineConfig, difference_weighting, out_of_memory_fallbacks
+from fmc.pipeline import FusionPipeline, PipelineConfig, StepTwoInputs, out_of_memory_fallbacks
+from fmc.resample import resample_to_shape
 from fmc.tiling import TilingConfig
 from fmc.weights import LoadedModel, ModelCard, ModelSet
 
@@ -47,28 +48,21 @@ def _volume(shape=(20, 40, 36), seed=0) -> np.ndarray:
 SMALL_TILING = TilingConfig(patch=(16, 16, 16), overlap=0.25, batch=2)
 
 
-def test_difference_weighting_matches_hand_computation():
-    inp = torch.tensor([0.0, 0.5, 1.0, 0.2])
-    initial = torch.tensor([0.0, 0.7, 0.0, 0.2])
-    # |I - O'| = [0, .2, 1, 0] is already in [0, 1] with min 0, max 1: weights are the same.
-    expected = torch.tensor([0.0, 0.8 * 0.5 + 0.2 * 0.7, 0.0 * 1.0 + 1.0 * 0.0, 0.2])
-    assert torch.allclose(difference_weighting(inp, initial), expected)
-
-
-def test_difference_weighting_normalizes_the_difference():
-    inp = torch.tensor([1.0, 1.0, 1.0])
-    initial = torch.tensor([1.5, 2.0, 3.0])  # |I - O'| = [.5, 1, 2] -> [0, 1/3, 1]
-    expected = torch.tensor([1.0, (2 / 3) * 1.0 + (1 / 3) * 2.0, 3.0])
-    assert torch.allclose(difference_weighting(inp, initial), expected)
-
-
-def test_max_filter_is_applied_to_the_initial_output_first():
-    inp = torch.zeros(1, 5, 5, 5)
-    initial = torch.zeros(1, 5, 5, 5)
-    initial[0, 2, 2, 2] = 1.0
-    out = difference_weighting(inp, initial, max_filter=3)
-    assert out[0, 1:4, 1:4, 1:4].eq(1.0).all()  # dilated peak survives where the difference is maximal
-    assert out[0, 0].eq(0).all()
+def test_step_two_inputs_match_the_stacked_full_resolution_channels():
+    iso = torch.rand(30, 41, 37, generator=torch.Generator().manual_seed(0))
+    small = torch.rand(12, 12, 12, generator=torch.Generator().manual_seed(1))
+    stacked = torch.stack([iso, resample_to_shape(small, iso.shape)])
+    two = StepTwoInputs(iso, small, channels=2)
+    one = StepTwoInputs(iso, small, channels=1)
+    without_step1 = StepTwoInputs(iso, None, channels=2)
+    box = (slice(3, 19), slice(20, 36), slice(0, 16))
+    torch.testing.assert_close(
+        two.patch((3, 20, 0), (16, 16, 16)), stacked[(slice(None), *box)], atol=1e-5, rtol=0
+    )
+    assert torch.equal(one.patch((3, 20, 0), (16, 16, 16)), iso[box][None])
+    assert torch.equal(without_step1.patch((3, 20, 0), (16, 16, 16)), torch.stack([iso[box], iso[box]]))
+    with pytest.raises(ValueError, match="input channels"):
+        StepTwoInputs(iso, small, channels=3)
 
 
 def test_identity_networks_reproduce_the_input():

@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from fmc import resample
-from fmc.resample import SITK_TOLERANCE, antialias_sigma, isotropic_shape, resample_sitk, resample_to_shape
+from fmc.resample import (
+    SITK_TOLERANCE,
+    RegionResampler,
+    antialias_sigma,
+    isotropic_shape,
+    resample_sitk,
+    resample_slabs,
+    resample_to_shape,
+)
 
 # (input shape, output shape): down, up, mixed per axis, identity axes, size-1 axes.
 SHAPE_PAIRS = [
@@ -78,6 +86,40 @@ def test_slabs_equal_one_pass(in_shape, out_shape, antialias):
     for chunk in (1, 3 * max(in_shape[1] * in_shape[2], out_shape[1] * out_shape[2]) + 7):
         slabs = resample_to_shape(volume, out_shape, antialias=antialias, chunk_voxels=chunk)
         torch.testing.assert_close(slabs, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("in_shape", "out_shape"), SHAPE_PAIRS)
+def test_streamed_slabs_are_consecutive_and_small(in_shape, out_shape):
+    volume = rand(in_shape, seed=5)
+    whole = resample_to_shape(volume, out_shape, chunk_voxels=1 << 30)
+    chunk = 2 * max(in_shape[1] * in_shape[2], out_shape[1] * out_shape[2])
+    expected_start = 0
+    for start, slab in resample_slabs(volume, out_shape, chunk_voxels=chunk):
+        assert start == expected_start and slab.shape[1:] == whole.shape[1:]
+        assert slab.shape[0] <= 2 or out_shape[0] == 1  # about chunk voxels, not the whole volume
+        torch.testing.assert_close(slab, whole[start : start + slab.shape[0]], atol=1e-5, rtol=0)
+        expected_start += slab.shape[0]
+    assert expected_start == out_shape[0]
+
+
+@pytest.mark.parametrize(("in_shape", "out_shape"), SHAPE_PAIRS)
+@pytest.mark.parametrize("antialias", [False, True])
+def test_a_region_equals_the_same_box_of_the_whole(in_shape, out_shape, antialias):
+    volume = rand(in_shape, seed=3)
+    whole = resample_to_shape(volume, out_shape, antialias=antialias)
+    resampler = RegionResampler(volume, out_shape, antialias=antialias)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        size = [int(rng.integers(1, n + 1)) for n in out_shape]
+        start = [int(rng.integers(0, n - k + 1)) for n, k in zip(out_shape, size, strict=True)]
+        box = tuple(slice(s, s + k) for s, k in zip(start, size, strict=True))
+        torch.testing.assert_close(resampler.region(start, size), whole[box], atol=1e-5, rtol=0)
+
+
+def test_a_region_outside_the_grid_is_refused():
+    resampler = RegionResampler(rand((4, 5, 6)), (8, 10, 12))
+    with pytest.raises(ValueError, match="leaves the grid"):
+        resampler.region((0, 0, 8), (8, 10, 5))
 
 
 def test_slab_temporaries_stay_near_chunk_voxels(monkeypatch):

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from fmc.tiling import TilingConfig, hann_window, patch_starts, sliding_window_inference
+from fmc.tiling import TensorSource, TilingConfig, hann_window, patch_starts, sliding_window_inference
 
 PATCH = (16, 16, 16)
 
@@ -197,3 +197,31 @@ def test_cuda_matches_cpu():
     gpu = sliding_window_inference(volume.cuda(), conv.cuda(), TilingConfig(patch=PATCH, overlap=0.5))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+class CountingSource(TensorSource):
+    """A patch source that records what was asked of it."""
+
+    def __init__(self, volume: torch.Tensor) -> None:
+        super().__init__(volume)
+        self.requests: list[tuple[tuple[int, int, int], tuple[int, int, int]]] = []
+
+    def patch(self, start, size):
+        self.requests.append((tuple(start), tuple(size)))
+        return super().patch(start, size)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 50, 29), (2, 9, 40, 21)])
+def test_a_patch_source_gives_the_same_result_as_the_tensor(shape):
+    volume = random_volume(shape, seed=4)
+    config = TilingConfig(patch=PATCH, overlap=0.5, batch=3)
+    network = torch.nn.Conv3d(2, 1, 3, padding=1)
+    with torch.no_grad():
+        expected = sliding_window_inference(volume, network, config, progress=False)
+        source = CountingSource(volume)
+        result = sliding_window_inference(source, network, config, progress=False)
+    torch.testing.assert_close(result, expected, atol=1e-6, rtol=0)
+    if min(shape[1:]) >= PATCH[0]:
+        assert source.requests and all(size == PATCH for _, size in source.requests)  # patch by patch
+    else:
+        assert source.requests == [((0, 0, 0), tuple(shape[1:]))]  # small: read whole, then padded

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmc.difference_weighting import difference_weighting
 from fmc.metrics import n_ssim
 from fmc.network import Discriminator3D, RUNet, RUNetConfig, preset
-from fmc.pipeline import FusionPipeline, PipelineConfig, difference_weighting
+from fmc.pipeline import FusionPipeline, PipelineConfig
 from fmc.tiling import TilingConfig
 from fmc.training.cache import CachedCase
 from fmc.training.config import FitConfig

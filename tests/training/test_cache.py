@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fmc.io import read_case
 from fmc.resample import isotropic_shape
-
 from fmc.training.cache import ARRAYS, PrepareConfig, load_manifest, prepare_cache
 from fmc.training.cli import main
 

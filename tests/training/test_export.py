@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fmc.io import read_case
-from fmc.weights import discover_models, load_model
 
+from fmc.io import read_case
 from fmc.pipeline import FusionPipeline
 from fmc.training.cli import main
 from fmc.training.evaluate import pipeline_config_for
+from fmc.weights import discover_models, load_model
 
 from .conftest import GLOBAL_SIZE, PATCH
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from fmc.io import CaseMetadata
-
 from fmc.training.pairs import PairedFiles, find_pairs, reconcile
 
 
