@@ -425,6 +425,19 @@ def parse_step_seconds(log: str) -> tuple[dict[str, float], float | None]:
     return {name: float(seconds) for name, seconds in _STEP.findall(inner)}, float(total)
 
 
+_HIGH_WATER_LINE = re.compile(r"memory high-water \(([^,)]*), GiB\) after each step: (.*)$", re.MULTILINE)
+_MARK = re.compile(r"([A-Za-z0-9_]+)=([0-9.]+)")
+
+
+def parse_high_water(log: str) -> dict:
+    """fmc.infer's per-case memory line: which counter it is and its high-water mark after each step."""
+    matches = _HIGH_WATER_LINE.findall(log)
+    if not matches:
+        return {}
+    kind, marks = matches[-1]
+    return {"counter": kind, "after_step": {name: float(gib) for name, gib in _MARK.findall(marks)}}
+
+
 def host_info() -> dict:
     """Where the figures were taken (the parent's view; GPU names come from the child's log)."""
     cpu = platform.processor()

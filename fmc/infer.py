@@ -166,6 +166,10 @@ def _fuse_one(
         f"total={sum(timings.values()):.2f}s [{steps}]"
     )
     log.info("%s", summary)
+    if pipeline.memory_high_water_gib:
+        marks = " ".join(f"{name}={gib:.2f}" for name, gib in pipeline.memory_high_water_gib.items())
+        kind = "CUDA allocator" if device.type == "cuda" else "process RSS"
+        log.info("%s: memory high-water (%s, GiB) after each step: %s", path.name, kind, marks)
     return summary
 
 

@@ -13,13 +13,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from fmc.difference_weighting import difference_weighting_
+from fmc.memory import high_water_gib
 from fmc.metrics import percentile_bounds
 from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
@@ -56,13 +57,20 @@ def trained_settings(models: ModelSet) -> dict:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
-    """Record wall seconds of a stage; synchronizes CUDA so the figure is the stage's own."""
+def _timed(
+    timings: dict[str, float], name: str, device: torch.device, high_water: dict[str, float] | None = None
+) -> Iterator[None]:
+    """Record wall seconds of a stage (synchronizing CUDA so the figure is the stage's own) and,
+    into ``high_water``, the memory high-water mark after it (GiB, see :mod:`fmc.memory`)."""
     start = time.perf_counter()
     yield
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings[name] = round(time.perf_counter() - start, 3)
+    if high_water is not None:
+        peak = high_water_gib(device)
+        if peak is not None:
+            high_water[name] = round(peak, 3)
 
 
 def _volume_to_device(volume: np.ndarray, device: torch.device, slab: int = 32) -> torch.Tensor:
@@ -118,6 +126,7 @@ class FusionPipeline:
         self.step1_model = models.step1 if config.step1 else None
         self.step2_model = models.step2 if config.step2 else None
         self._step1_voxels_per_second: float | None = None
+        self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
                 "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
@@ -125,6 +134,12 @@ class FusionPipeline:
         for loaded in (self.step1_model, self.step2_model):
             if loaded is not None:
                 loaded.network.to(self.device).eval()
+
+    def _stage(
+        self, timings: dict[str, float], name: str, device: torch.device
+    ) -> AbstractContextManager[None]:
+        """:func:`_timed` that also records this pipeline's memory high-water marks."""
+        return _timed(timings, name, device, self.memory_high_water_gib)
 
     @property
     def global_size(self) -> int:
@@ -156,13 +171,14 @@ class FusionPipeline:
         """
         timings: dict[str, float] = {}
         dev = self.device
+        self.memory_high_water_gib = {}
         with torch.inference_mode():
-            with _timed(timings, "to_device", dev):
+            with self._stage(timings, "to_device", dev):
                 raw = _volume_to_device(volume, dev)
-            with _timed(timings, "normalize", dev):
+            with self._stage(timings, "normalize", dev):
                 lo, hi = percentile_bounds(raw)
                 image = raw.sub_(lo).div_(hi - lo if hi > lo else 1.0)
-            with _timed(timings, "resample_in", dev):
+            with self._stage(timings, "resample_in", dev):
                 iso_shape = isotropic_shape(tuple(volume.shape), spacing, self.config.target_spacing)
                 iso = resample_to_shape(image, iso_shape)
                 del image
@@ -170,7 +186,7 @@ class FusionPipeline:
             reserve = 2.0 * timings["resample_in"] + volume.nbytes / 200e6 + 2.0
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             del iso
-            with _timed(timings, "resample_out", dev):
+            with self._stage(timings, "resample_out", dev):
                 result = np.empty(volume.shape, dtype=np.uint16)
                 for z0, slab in resample_slabs(prediction, tuple(volume.shape)):
                     result[z0 : z0 + slab.shape[0]] = _to_uint16(slab, lo, hi)
@@ -189,18 +205,18 @@ class FusionPipeline:
         dev = iso.device
         step1_small = None
         if self.step1_model is not None:
-            with _timed(timings, "step1", dev):
+            with self._stage(timings, "step1", dev):
                 step1_small = self._global_step(iso)
         prediction = None
         if self.step2_model is not None:
-            with _timed(timings, "step2", dev):
+            with self._stage(timings, "step2", dev):
                 prediction = self._patch_step(iso, step1_small, deadline, reserve_seconds)
         if prediction is None:  # step 2 off or skipped by the planner: step 1 at full resolution
-            with _timed(timings, "step1_upsample", dev):
+            with self._stage(timings, "step1_upsample", dev):
                 prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
         del step1_small
         if self.config.difference_weighting:
-            with _timed(timings, "dw", dev):
+            with self._stage(timings, "dw", dev):
                 prediction = difference_weighting_(iso, prediction, self.config.max_filter)
         return prediction
 

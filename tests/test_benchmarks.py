@@ -14,7 +14,13 @@ import tifffile
 
 from benchmarks.bench_inference import planner_decisions
 from benchmarks.bench_published_style import window_starts
-from benchmarks.common import isotropic_shape, parse_step_seconds, scaled_shape, synthetic_volume
+from benchmarks.common import (
+    isotropic_shape,
+    parse_high_water,
+    parse_step_seconds,
+    scaled_shape,
+    synthetic_volume,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINE_KEYS = {
@@ -77,6 +83,10 @@ def test_compare_runs_both_pipelines_on_a_tiny_cpu_case(tmp_path: Path) -> None:
         assert fused.shape == tuple(report["shape"])
         assert fused.dtype == np.uint16
     assert {"read", "resample_in", "step2", "resample_out", "write"} <= report["fmc"]["steps"].keys()
+    high_water = report["fmc"]["memory_high_water_gib"]
+    assert high_water["counter"] == "process RSS"
+    marks = list(high_water["after_step"].values())
+    assert marks == sorted(marks) and 0.05 < marks[-1] <= report["fmc"]["peak_rss_gib"] + 1e-3
     published = report["published_style"]
     assert {"resize_in", "step1", "step2", "resize_out", "normalize_write"} <= published["steps"].keys()
     assert published["windows"] > 1  # --window 8 on an 18x12x14 grid: the stitching loop really ran
@@ -93,6 +103,18 @@ def test_step_seconds_are_parsed_from_the_per_case_log_line() -> None:
     assert steps == {"read": 0.01, "to_device": 0.0, "step2": 1.2, "write": 0.54}
     assert total == 1.75
     assert parse_step_seconds("no such line") == ({}, None)
+
+
+def test_memory_high_water_marks_are_parsed_from_their_log_line() -> None:
+    log = (
+        "2025-01-01 INFO fmc: a.tif: memory high-water (CUDA allocator, GiB) after each step: "
+        "to_device=4.25 resample_in=7.80 step2=9.12\n"
+    )
+    assert parse_high_water(log) == {
+        "counter": "CUDA allocator",
+        "after_step": {"to_device": 4.25, "resample_in": 7.8, "step2": 9.12},
+    }
+    assert parse_high_water("nothing here") == {}
 
 
 def test_planner_decisions_are_collected_without_the_logger_prefix() -> None:

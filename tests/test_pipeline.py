@@ -99,8 +99,12 @@ def test_same_input_same_output_on_cpu():
     models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
     pipe = FusionPipeline(models, PipelineConfig(global_size=32, tiling=SMALL_TILING))
     first, _ = pipe.run(volume, (1.0, 0.4, 0.4))
-    second, _ = pipe.run(volume, (1.0, 0.4, 0.4))
+    second, timings = pipe.run(volume, (1.0, 0.4, 0.4))
     assert np.array_equal(first, second)
+    # every timed stage also has its memory high-water mark (process RSS here), never decreasing
+    assert list(pipe.memory_high_water_gib) == list(timings)
+    marks = list(pipe.memory_high_water_gib.values())
+    assert marks == sorted(marks) and marks[0] > 0
 
 
 def test_expired_budget_falls_back_to_step_one_and_still_writes(caplog):

@@ -1,0 +1,28 @@
+"""Memory high-water marks, so logs and benchmarks can say which step set a case's peak.
+
+On a GPU it is the CUDA allocator's peak (what ``--gpu-memory-gib`` caps); on a CPU the
+process's peak resident set (``VmHWM``), which then also holds the "device" tensors. Both
+are cumulative, never reset: resetting ``VmHWM`` would also erase the peak that a parent
+process reads at exit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+GIB = float(1 << 30)
+
+
+def high_water_gib(device: torch.device) -> float | None:
+    """Peak memory so far in GiB: CUDA allocator on ``cuda``, process RSS otherwise; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GIB
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
