@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fmc.acceleration import COMPILE_MODES, PRECISIONS, KernelOptions
 from fmc.io import CaseError, list_cases, read_case, write_prediction
 from fmc.pipeline import FusionPipeline, PipelineConfig, trained_settings
 from fmc.planner import DEFAULT_BUDGET_SECONDS, SAFETY_MARGIN_SECONDS
@@ -218,10 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch", type=int, default=2, help="patches per forward pass")
     parser.add_argument(
-        "--autocast",
-        choices=("none", "bf16", "fp16"),
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="network arithmetic: fp32 (cuDNN may use TF32), bf16/fp16 autocast, or fp16-weights "
+        "(whole network in float16); fp16 needs CUDA",
+    )
+    parser.add_argument(
+        "--autocast", choices=("none", "bf16", "fp16"), default="none", help="same as --precision bf16|fp16"
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="run the networks in channels_last_3d memory format"
+    )
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms for each input shape"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("none", *COMPILE_MODES),
         default="none",
-        help="mixed precision for the networks",
+        help="torch.compile the networks with this mode (compile time counts against the budget)",
     )
     parser.add_argument(
         "--global-size",
@@ -260,11 +277,14 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         raise SystemExit("--patch must be >= 8 and --batch >= 1")
     if args.max_filter < 1 or args.max_filter % 2 == 0:
         raise SystemExit(f"--max-filter must be odd and >= 1, got {args.max_filter}")
-    tiling = TilingConfig(
-        patch=(args.patch or DEFAULT_PATCH,) * 3,
-        overlap=args.overlap,
-        batch=args.batch,
-        autocast=None if args.autocast == "none" else args.autocast,
+    if args.autocast != "none" and args.precision not in ("fp32", args.autocast):
+        raise SystemExit(f"--autocast {args.autocast} contradicts --precision {args.precision}")
+    tiling = TilingConfig(patch=(args.patch or DEFAULT_PATCH,) * 3, overlap=args.overlap, batch=args.batch)
+    kernels = KernelOptions(
+        precision=args.autocast if args.autocast != "none" else args.precision,
+        channels_last=args.channels_last,
+        cudnn_benchmark=args.cudnn_benchmark,
+        compile=None if args.compile == "none" else args.compile,
     )
     pipeline = PipelineConfig(
         step1=not args.no_step1,
@@ -274,6 +294,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         tta=args.tta,
         global_size=args.global_size,
         tiling=tiling,
+        kernels=kernels,
     )
     return InferenceOptions(
         input=args.input,

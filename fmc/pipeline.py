@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from fmc.acceleration import Forward, KernelOptions, build_forward
 from fmc.difference_weighting import difference_weighting_
 from fmc.memory import high_water_gib
 from fmc.metrics import percentile_bounds
@@ -45,6 +46,11 @@ class PipelineConfig:
     global_size: int | None = None  # None: what the step-1 model was trained at (card), else 224
     target_spacing: float = 0.6
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    kernels: KernelOptions = field(default_factory=KernelOptions)
+
+    def __post_init__(self) -> None:
+        if self.tiling.autocast is not None:  # one place for precision: the networks' options
+            raise ValueError("set the pipeline's precision with kernels=KernelOptions(precision=...)")
 
 
 def trained_settings(models: ModelSet) -> dict:
@@ -131,9 +137,12 @@ class FusionPipeline:
             raise ValueError(
                 "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
             )
-        for loaded in (self.step1_model, self.step2_model):
-            if loaded is not None:
-                loaded.network.to(self.device).eval()
+        # Built once: with torch.compile, a new forward would compile again.
+        self._forwards: dict[int, Forward] = {
+            id(loaded): build_forward(loaded.network, config.kernels, self.device)
+            for loaded in (self.step1_model, self.step2_model)
+            if loaded is not None
+        }
 
     def _stage(
         self, timings: dict[str, float], name: str, device: torch.device
@@ -160,6 +169,8 @@ class FusionPipeline:
             parts.append(f"dw(max{self.config.max_filter})")
         if self.config.tta:
             parts.append("tta")
+        if self.config.kernels != KernelOptions():
+            parts.append(self.config.kernels.describe())
         return "+".join(parts)
 
     def run(
@@ -266,7 +277,6 @@ class FusionPipeline:
         self, source: PatchSource, predictor: Callable[[torch.Tensor], torch.Tensor], tiling: TilingConfig
     ) -> torch.Tensor:
         """Sliding windows; on GPU out-of-memory retry: half batch, smaller patch, then sums on the host."""
-        tiling = replace(tiling, autocast=None)  # the predictor applies autocast itself
         attempts = out_of_memory_fallbacks(tiling)
         for number, (config, accumulate_on) in enumerate(attempts):
             try:
@@ -299,7 +309,9 @@ class FusionPipeline:
         tiling = self.config.tiling
         voxels_per_batch = tiling.batch * math.prod(tiling.patch)
         same_preset = (
-            self.step1_model is not None and self.step1_model.card.preset == self.step2_model.card.preset
+            self.step1_model is not None
+            and self.step1_model.card.preset == self.step2_model.card.preset
+            and self.config.kernels.compile is None  # step 1's time would include its compilation
         )
         if same_preset and self._step1_voxels_per_second:
             seconds_per_batch = voxels_per_batch / self._step1_voxels_per_second
@@ -329,32 +341,20 @@ class FusionPipeline:
         batch = corner.unsqueeze(0).expand(tiling.batch, *corner.shape).contiguous()
         forward = self._predictor(self.step2_model, tta=False)
         cuda = batch.device.type == "cuda"
-        if cuda:
-            forward(batch)  # warm-up: allocator, cuDNN algorithm choice
-            torch.cuda.synchronize(batch.device)
+        if cuda or self.config.kernels.compile is not None:
+            forward(batch)  # warm-up: allocator, cuDNN algorithm choice, compilation
+            if cuda:
+                torch.cuda.synchronize(batch.device)
         start = time.perf_counter()
         forward(batch)
         if cuda:
             torch.cuda.synchronize(batch.device)
         return time.perf_counter() - start
 
-    def _predictor(
-        self, loaded: LoadedModel, tta: bool | None = None
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The network as a batch function, with optional test-time flips and autocast."""
+    def _predictor(self, loaded: LoadedModel, tta: bool | None = None) -> Forward:
+        """The network as a batch function (see :mod:`fmc.acceleration`), with optional test-time flips."""
         tta = self.config.tta if tta is None else tta
-        network = loaded.network
-        autocast = self.config.tiling.autocast
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast or "")
-        if dtype is torch.float16 and self.device.type != "cuda":
-            dtype = None
-
-        def forward(batch: torch.Tensor) -> torch.Tensor:
-            if dtype is None:
-                return network(batch).float()
-            with torch.autocast(self.device.type, dtype=dtype):
-                return network(batch).float()
-
+        forward = self._forwards[id(loaded)]
         if not tta:
             return forward
 

@@ -3,6 +3,7 @@
 These test the platform contract only, never quality.
 """
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 import tifffile
 import torch
 
-from fmc.infer import main
+from fmc.acceleration import KernelOptions
+from fmc.infer import build_parser, main, options_from_args
 from fmc.io import read_case, write_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,6 +151,40 @@ def test_help_documents_every_flag():
         assert flag in result.stdout
     for flag in ("--preview", "--log-level", "--budget-seconds", "--gpu-memory-gib"):
         assert flag in result.stdout
+    for flag in ("--precision", "--channels-last", "--cudnn-benchmark", "--compile"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], KernelOptions()),
+        (["--autocast", "bf16"], KernelOptions(precision="bf16")),
+        (
+            ["--precision", "fp16-weights", "--channels-last"],
+            KernelOptions("fp16-weights", channels_last=True),
+        ),
+        (
+            ["--cudnn-benchmark", "--compile", "default"],
+            KernelOptions(cudnn_benchmark=True, compile="default"),
+        ),
+    ],
+)
+def test_kernel_flags_become_kernel_options(flags, expected):
+    options = options_from_args(build_parser().parse_args(flags))
+    assert options.pipeline.kernels == expected
+
+
+def test_contradicting_precision_flags_are_refused():
+    with pytest.raises(SystemExit, match="contradicts"):
+        options_from_args(build_parser().parse_args(["--autocast", "bf16", "--precision", "fp16"]))
+
+
+def test_kernel_options_reach_the_log_line(tmp_path, weights, caplog):
+    _write_good_cases(tmp_path / "in")
+    with caplog.at_level(logging.INFO, logger="fmc"):
+        assert _run(tmp_path / "in", tmp_path / "out", weights, "--channels-last", "--precision", "bf16") == 0
+    assert "bf16+channels_last" in caplog.text
 
 
 @pytest.mark.skipif(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from fmc.acceleration import KernelOptions
 from fmc.network import RUNet, preset
 from fmc.pipeline import FusionPipeline, PipelineConfig, StepTwoInputs, out_of_memory_fallbacks
 from fmc.resample import resample_to_shape
@@ -199,3 +200,31 @@ def test_planner_without_step_one_times_a_real_batch_and_keeps_quality(caplog):
         out, _ = pipe.run(volume, (0.6, 0.6, 0.6), deadline=time.perf_counter() + 3600)
     assert "fits" in caplog.text and "overlap" not in caplog.text.split("fits")[0].split("planner:")[-1]
     assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
+
+
+def test_tiling_autocast_is_refused_in_favour_of_kernel_options():
+    with pytest.raises(ValueError, match="KernelOptions"):
+        PipelineConfig(tiling=TilingConfig(patch=(16, 16, 16), autocast="bf16"))
+
+
+def test_compiled_networks_are_built_once_per_pipeline(monkeypatch):
+    calls = []
+    original = torch.compile
+
+    def eager_backend_compile(model, **kwargs):  # dynamo with the eager backend: no C++ toolchain
+        calls.append(kwargs.get("mode"))
+        return original(model, backend="eager", dynamic=kwargs.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", eager_backend_compile)
+    torch._dynamo.reset()
+    models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
+    config = PipelineConfig(global_size=32, tiling=SMALL_TILING, kernels=KernelOptions(compile="default"))
+    pipe = FusionPipeline(models, config)
+    volume = _volume((18, 30, 26))
+    first, _ = pipe.run(volume, (1.0, 0.4, 0.4))
+    second, _ = pipe.run(volume, (1.0, 0.4, 0.4))
+    assert calls == ["default", "default"]  # step 1 and step 2, not again on the second case
+    eager, _ = FusionPipeline(models, PipelineConfig(global_size=32, tiling=SMALL_TILING)).run(
+        volume, (1.0, 0.4, 0.4)
+    )
+    assert np.abs(first.astype(int) - eager.astype(int)).max() <= 1 and np.array_equal(first, second)

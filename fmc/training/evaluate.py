@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fmc.acceleration import KernelOptions
 from fmc.io import CaseError, read_case
 from fmc.metrics import gaussian_baseline, n_ssim
 from fmc.pipeline import FusionPipeline, PipelineConfig, trained_settings
@@ -63,10 +64,9 @@ def pipeline_config_for(
     """The pipeline as the model was trained: global size, patch and DW from the model cards."""
     settings = trained_settings(models)
     patch = int(settings.get("patch", 128))
-    tiling = TilingConfig(
-        patch=(patch,) * 3, overlap=overlap, batch=batch, autocast="bf16" if device.type == "cuda" else None
-    )
+    tiling = TilingConfig(patch=(patch,) * 3, overlap=overlap, batch=batch)
     return PipelineConfig(
+        kernels=KernelOptions(precision="bf16" if device.type == "cuda" else "fp32"),
         step1=models.step1 is not None,
         step2=models.step2 is not None,
         difference_weighting=bool(settings.get("difference_weighting", True)),

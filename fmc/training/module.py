@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmc.acceleration import KernelOptions
 from fmc.difference_weighting import difference_weighting
 from fmc.metrics import n_ssim
 from fmc.network import Discriminator3D, RUNet, RUNetConfig, preset
@@ -243,9 +244,9 @@ class FusionModule(L.LightningModule):
             patch=(self.cfg.patch,) * 3,
             overlap=self.cfg.val_overlap,
             batch=self.cfg.val_batch,
-            autocast="bf16" if bf16 else None,
         )
         return PipelineConfig(
+            kernels=KernelOptions(precision="bf16" if bf16 else "fp32"),
             step1=self.stage == 1 or self.cfg.step1_enabled,
             step2=self.stage == 2,
             difference_weighting=self.apply_dw,

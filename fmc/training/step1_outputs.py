@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fmc.acceleration import KernelOptions
 from fmc.network import RUNet
 from fmc.pipeline import FusionPipeline, PipelineConfig
 from fmc.training.cache import CachedCase
@@ -59,8 +60,13 @@ def compute_step1_outputs(
     models = ModelSet(
         step1=LoadedModel(network, card, Path("<training>")), step2=None, folder=Path("<training>")
     )
-    config = PipelineConfig(step1=True, step2=False, difference_weighting=False, global_size=global_size)
-    config.tiling.autocast = autocast
+    config = PipelineConfig(
+        step1=True,
+        step2=False,
+        difference_weighting=False,
+        global_size=global_size,
+        kernels=KernelOptions(precision=autocast or "fp32"),
+    )
     was_training = network.training
     pipeline = FusionPipeline(models, config, device)
     log.info("computing step-1 outputs for %d case(s) into %s", len(todo), folder)

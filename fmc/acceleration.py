@@ -1,0 +1,115 @@
+"""How a network runs on the device: precision, memory layout, cuDNN autotuning, torch.compile.
+
+Why a separate module: these are the knobs the performance work measures one by one
+(``benchmarks/bench_kernels.py``); inference and the benchmark must build the forward
+function the same way. Defaults are plain float32 eager execution, the reference the other
+options are compared against. Options a CPU cannot use (fp16, cuDNN) fall back to float32
+with a warning instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16", "fp16-weights")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Execution options for the networks.
+
+    ``precision``: ``fp32`` (cuDNN may use TF32 for convolutions, PyTorch's default), ``bf16`` or
+    ``fp16`` autocast, or ``fp16-weights`` (the whole network cast to float16, no autocast).
+    ``channels_last``: channels_last_3d memory format. ``cudnn_benchmark``: let cuDNN time its
+    algorithms per input shape. ``compile``: a ``torch.compile`` mode, or None for eager.
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
+    compile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
+
+    def describe(self) -> str:
+        """Short label for logs and benchmark rows, e.g. ``fp16-weights+channels_last+compile(default)``."""
+        parts = [self.precision]
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.cudnn_benchmark:
+            parts.append("cudnn_benchmark")
+        if self.compile:
+            parts.append(f"compile({self.compile})")
+        return "+".join(parts)
+
+
+def effective_options(options: KernelOptions, device: torch.device) -> KernelOptions:
+    """The options as they will run on ``device``: fp16 and cuDNN need CUDA, else float32 / off."""
+    if device.type == "cuda":
+        return options
+    precision = options.precision
+    if precision in ("fp16", "fp16-weights"):
+        log.warning("%s needs CUDA; running the networks in float32 on %s", precision, device.type)
+        precision = "fp32"
+    return KernelOptions(precision, options.channels_last, False, options.compile)
+
+
+def build_forward(network: nn.Module, options: KernelOptions, device: torch.device) -> Forward:
+    """A batch function ``(B, C, Z, Y, X) -> float32 (B, C_out, Z, Y, X)`` running ``network`` as asked.
+
+    Modifies ``network`` in place (device, dtype, memory format) and sets the process-wide
+    ``cudnn.benchmark`` flag when asked. With ``compile``, the first call of each new input
+    shape compiles; the compile time is logged.
+    """
+    options = effective_options(options, device)
+    network.to(device).eval()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = options.cudnn_benchmark
+    input_dtype = torch.float32
+    if options.precision == "fp16-weights":
+        network.half()
+        input_dtype = torch.float16
+    memory_format = torch.channels_last_3d if options.channels_last else torch.contiguous_format
+    if options.channels_last:
+        network.to(memory_format=torch.channels_last_3d)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+    module: Callable[[torch.Tensor], torch.Tensor] = network
+    if options.compile:
+        module = torch.compile(network, mode=options.compile, dynamic=False)
+    seen_shapes: set[tuple[int, ...]] = set()
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(dtype=input_dtype).contiguous(memory_format=memory_format)
+        first = options.compile is not None and tuple(x.shape) not in seen_shapes
+        start = time.perf_counter()
+        if autocast is None:
+            out = module(x)
+        else:
+            with torch.autocast(device.type, dtype=autocast):
+                out = module(x)
+        if first:
+            seen_shapes.add(tuple(x.shape))
+            log.info(
+                "torch.compile(%s) for input %s: %.1f s",
+                options.compile,
+                tuple(x.shape),
+                time.perf_counter() - start,
+            )
+        return out.float().contiguous()
+
+    return forward
