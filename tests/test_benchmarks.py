@@ -92,6 +92,27 @@ def test_compare_runs_both_pipelines_on_a_tiny_cpu_case(tmp_path: Path) -> None:
     assert published["windows"] > 1  # --window 8 on an 18x12x14 grid: the stitching loop really ran
 
 
+def test_kernel_options_benchmark_compares_every_variant_with_fp32() -> None:
+    command = [sys.executable, "-m", "benchmarks.bench_kernels", "--preset", "tiny", "--patch", "16"]
+    command += ["--device", "cpu", "--iterations", "1", "--variants", "bf16", "channels_last", "fp16-weights"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    variants = report["variants"]
+    assert list(variants) == ["fp32", "bf16", "channels_last", "fp16-weights"]
+    assert variants["fp32"]["speedup_vs_fp32"] == 1.0 and variants["fp32"]["max_abs_diff_vs_fp32"] is None
+    assert variants["fp16-weights"] == {
+        "options": variants["fp16-weights"]["options"],
+        "skipped": "needs CUDA",
+    }
+    assert variants["channels_last"]["max_abs_diff_vs_fp32"] < 1e-4  # same arithmetic, other layout
+    assert variants["bf16"]["max_abs_diff_vs_fp32"] > 0  # autocast really changed the arithmetic
+    for name in ("fp32", "bf16", "channels_last"):
+        row = variants[name]
+        assert row["mvoxels_per_second"] > 0 and row["seconds_per_batch"] > 0
+    assert report["input_shape"] == [2, 2, 16, 16, 16]
+
+
 def test_step_seconds_are_parsed_from_the_per_case_log_line() -> None:
     log = (
         "2025-01-01 INFO fmc: device: cpu (requested)\n"
