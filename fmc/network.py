@@ -45,7 +45,10 @@ class RUNetConfig:
     channels: tuple[int, ...] = (32, 64, 128, 256, 256)
     blocks: tuple[int, ...] = (1, 1, 2, 2, 2)
     groups: int = 8  # GroupNorm groups, clamped per layer to a divisor of its channel count
-    residual: bool = True  # output = input[:, :out_channels] + network(input)
+    residual: bool = True  # output = input[:, c:c + out_channels] + network(input), c = residual_channel
+    # Step 2 adds its correction to channel 1, the step-1 prediction, and starts as exactly that
+    # prediction (zero-initialized head): training refines step 1 instead of first relearning it.
+    residual_channel: int = 0
 
     def __post_init__(self) -> None:
         # JSON turns tuples into lists; normalize so configs compare equal after a round trip.
@@ -61,11 +64,13 @@ class RUNetConfig:
             raise ValueError(f"channels must be >= 1 and blocks >= 0, got {self.channels} / {self.blocks}")
         if self.groups < 1:
             raise ValueError(f"groups must be >= 1, got {self.groups}")
-        if self.residual and self.in_channels < self.out_channels:
+        if self.residual and self.in_channels < self.residual_channel + self.out_channels:
             raise ValueError(
-                f"a global residual needs in_channels >= out_channels, got {self.in_channels} < "
-                f"{self.out_channels}"
+                f"a global residual from channel {self.residual_channel} needs in_channels >= "
+                f"{self.residual_channel + self.out_channels}, got {self.in_channels}"
             )
+        if self.residual_channel < 0:
+            raise ValueError(f"residual_channel must be >= 0, got {self.residual_channel}")
 
     @property
     def levels(self) -> int:
@@ -180,6 +185,9 @@ class RUNet(nn.Module):
             up = _conv_norm_act(nn.ConvTranspose3d(c, c, 4, 2, 1, bias=False), c, g)
             self.decoders.append(nn.Sequential(_stage(width, c, n, g), up))
         self.head = nn.Conv3d(ch[0], config.out_channels, 1)
+        if config.residual and config.residual_channel > 0:
+            nn.init.zeros_(self.head.weight)  # starts as the prediction it refines
+            nn.init.zeros_(self.head.bias)
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
         """Replicate-pad every spatial axis up to a multiple of 2**levels; returns the crop back."""
@@ -207,7 +215,8 @@ class RUNet(nn.Module):
             h = self.decoders[i](torch.cat([h, skips[i]], dim=1))
         out = self.head(h)[crop]
         if self.config.residual:
-            out = out + x[:, : self.config.out_channels]
+            first = self.config.residual_channel
+            out = out + x[:, first : first + self.config.out_channels]
         return out
 
 

@@ -41,6 +41,20 @@ def test_global_residual_adds_the_first_input_channel() -> None:
         assert torch.count_nonzero(plain(x)) == 0
 
 
+def test_residual_from_the_step1_channel_starts_as_that_channel_and_still_learns() -> None:
+    torch.manual_seed(0)
+    config = RUNetConfig.from_dict({**preset("tiny", in_channels=2).to_dict(), "residual_channel": 1})
+    net = RUNet(config)
+    x = torch.randn(2, 2, 9, 10, 11)
+    assert torch.equal(net.eval()(x), x[:, 1:2])  # untrained: exactly the step-1 prediction
+    net.train()
+    loss = (net(x) - x[:, :1]).abs().mean()
+    loss.backward()
+    assert net.head.weight.grad.abs().sum() > 0  # the zero head is not stuck
+    with pytest.raises(ValueError, match="from channel 1 needs in_channels >= 2"):
+        RUNetConfig(in_channels=1, residual_channel=1)
+
+
 def test_gradients_reach_the_first_layer() -> None:
     net = RUNet(preset("tiny"))
     net(torch.randn(2, 1, 12, 12, 12)).square().mean().backward()

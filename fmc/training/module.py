@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,14 @@ NORMALIZATION = {"method": "percentile", "low": 2.0, "high": 99.8}
 
 
 def network_config(config: FitConfig, stage: int) -> RUNetConfig:
-    """Stage 2 sees [input, step-1 output] when the model has a step 1, else the input alone."""
-    in_channels = 2 if stage == 2 and config.step1_enabled else 1
-    return preset(config.preset, in_channels=in_channels)
+    """Stage 2 sees [input, step-1 output] when the model has a step 1, else the input alone.
+
+    With a step 1, stage 2's global residual is the step-1 output (channel 1), so it starts
+    from step 1's prediction and learns a correction of it.
+    """
+    if stage == 2 and config.step1_enabled:
+        return replace(preset(config.preset, in_channels=2), residual_channel=1)
+    return preset(config.preset, in_channels=1)
 
 
 def apply_difference_weighting(inp: torch.Tensor, out: torch.Tensor, max_filter: int = 0) -> torch.Tensor:

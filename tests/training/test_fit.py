@@ -61,6 +61,13 @@ def test_stage2_uses_the_trained_step1_network(fit_run: Path) -> None:
     assert any(k.startswith("generator.") for k in stage1)
 
 
+def test_stage2_refines_the_step1_prediction(fit_run: Path) -> None:
+    """Its global residual is channel 1 (the step-1 output); patch-only keeps the input's."""
+    checkpoint = torch.load(fit_run / "step2/checkpoints/last.ckpt", weights_only=True)
+    network = checkpoint["hyper_parameters"]["network"]
+    assert network["in_channels"] == 2 and network["residual_channel"] == 1
+
+
 def test_resume_continues_from_the_saved_step(sim_cache: Path, split_csv: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = tiny_fit_args(run, sim_cache, "--split-csv", str(split_csv), "--step", "1", "--beta", "0")
@@ -103,6 +110,7 @@ def test_patch_only_ablation_trains_one_channel_step2(
     assert not (run / "step1").exists()
     checkpoint = torch.load(run / "step2/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["network"]["in_channels"] == 1
+    assert checkpoint["hyper_parameters"]["network"]["residual_channel"] == 0
     assert not any(k.startswith("discriminator.") for k in checkpoint["state_dict"])
 
 
