@@ -45,9 +45,10 @@ def difference_weighting_(
 ) -> torch.Tensor:
     """:func:`difference_weighting` of two (Z, Y, X) volumes, written into ``initial``; returns it.
 
-    Two passes over z-slabs: the first finds the range of ``D``, the second writes. The max
-    filter reads ``max_filter // 2`` planes beyond each slab, so the planes just above a slab
-    are kept before they are overwritten. Extra memory: a few slabs of ``slab_voxels``.
+    Two passes over z-slabs: the first max-filters ``initial`` in place and finds the range of
+    ``D``, the second writes the blend. The max filter reads ``max_filter // 2`` planes beyond
+    each slab, so the planes just above a slab are kept before they are overwritten. Extra
+    memory: a few slabs of ``slab_voxels``.
     """
     if inp.shape != initial.shape or inp.dim() != 3:
         raise ValueError(
@@ -63,8 +64,6 @@ def difference_weighting_(
 
     def smoothed(z0: int, z1: int, above: torch.Tensor | None) -> torch.Tensor:
         """Max-filtered ``initial[z0:z1]``; ``above`` replaces the ``halo`` planes before z0."""
-        if halo == 0:
-            return initial[z0:z1]
         top = min(depth, z1 + halo)
         if above is None:
             start = max(0, z0 - halo)
@@ -74,21 +73,23 @@ def difference_weighting_(
             block = torch.cat([above, initial[z0:top]])
         return max_filter3d(block, max_filter)[z0 - start : z1 - start]
 
+    # Pass 1: initial <- max-filtered initial, in place, and the range of D = |I - O'|.
     low = torch.full((), float("inf"), device=inp.device)
     high = torch.full((), float("-inf"), device=inp.device)
-    for z0 in range(0, depth, rows):
-        z1 = min(depth, z0 + rows)
-        diff = (inp[z0:z1] - smoothed(z0, z1, None)).abs_()
-        low, high = torch.minimum(low, diff.amin()), torch.maximum(high, diff.amax())
-    span = (high - low).clamp_min(torch.finfo(inp.dtype).tiny)
-
     above: torch.Tensor | None = None
     for z0 in range(0, depth, rows):
         z1 = min(depth, z0 + rows)
-        filtered = smoothed(z0, z1, above)  # without a halo: a view of initial[z0:z1], fine to edit
         if halo:
+            filtered = smoothed(z0, z1, above)
             above = initial[max(0, z1 - halo) : z1].clone()  # originals, before this slab is written
-        weight = (inp[z0:z1] - filtered).abs_().sub_(low).div_(span)
-        # (1 - D) I + D O' == I + D (O' - I)
-        initial[z0:z1] = filtered.sub_(inp[z0:z1]).mul_(weight).add_(inp[z0:z1])
+            initial[z0:z1] = filtered
+        diff = (inp[z0:z1] - initial[z0:z1]).abs_()
+        low, high = torch.minimum(low, diff.amin()), torch.maximum(high, diff.amax())
+    span = (high - low).clamp_min(torch.finfo(inp.dtype).tiny)
+
+    # Pass 2: (1 - D) I + D O' == I + D (O' - I), with D min-max normalized.
+    for z0 in range(0, depth, rows):
+        z1 = min(depth, z0 + rows)
+        weight = (inp[z0:z1] - initial[z0:z1]).abs_().sub_(low).div_(span)
+        initial[z0:z1].sub_(inp[z0:z1]).mul_(weight).add_(inp[z0:z1])
     return initial

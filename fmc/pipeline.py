@@ -193,8 +193,10 @@ class FusionPipeline:
                 iso_shape = isotropic_shape(tuple(volume.shape), spacing, self.config.target_spacing)
                 iso = resample_to_shape(image, iso_shape)
                 del image
-            # What follows step 2 costs about two resamplings plus the host copy; keep it in reserve.
-            reserve = 2.0 * timings["resample_in"] + volume.nbytes / 200e6 + 2.0
+            # What follows step 2 costs about two resamplings (three more for difference weighting,
+            # measured on CPU; negligible on a GPU) plus the host copy; keep it in reserve.
+            passes = 2.0 + (3.0 if self.config.difference_weighting else 0.0)
+            reserve = passes * timings["resample_in"] + volume.nbytes / 200e6 + 2.0
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             del iso
             with self._stage(timings, "resample_out", dev):
