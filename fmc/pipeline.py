@@ -189,6 +189,7 @@ class FusionPipeline:
             with self._stage(timings, "normalize", dev):
                 lo, hi = percentile_bounds(raw)
                 image = raw.sub_(lo).div_(hi - lo if hi > lo else 1.0)
+                del raw  # the same tensor as image: one name, so the del below frees it
             with self._stage(timings, "resample_in", dev):
                 iso_shape = isotropic_shape(tuple(volume.shape), spacing, self.config.target_spacing)
                 iso = resample_to_shape(image, iso_shape)

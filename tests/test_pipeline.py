@@ -238,3 +238,32 @@ def test_uint16_conversion_clips_rounds_and_spans_the_whole_range():
     out = _to_uint16(normalized, 1000.0, 65535.0)
     assert out.dtype == np.uint16
     assert out.tolist() == [1000, 65535, 0, 65535, round(0.25 * 64535 + 1000), round(0.75 * 64535 + 1000)]
+
+
+def test_the_input_sized_float_copy_is_freed_before_the_networks_run(monkeypatch):
+    """On a GPU it is the largest buffer (4.2 GiB for study 5): it must not live through steps 1-2."""
+    import weakref
+
+    import fmc.pipeline as pipeline_module
+
+    refs = []
+    to_device = pipeline_module._volume_to_device
+
+    def recording(volume, device):
+        tensor = to_device(volume, device)
+        refs.append(weakref.ref(tensor))
+        return tensor
+
+    alive_during_networks = []
+    predict = FusionPipeline.predict_isotropic
+
+    def checking(self, iso, *args, **kwargs):
+        alive_during_networks.append(refs[-1]() is not None)
+        return predict(self, iso, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "_volume_to_device", recording)
+    monkeypatch.setattr(FusionPipeline, "predict_isotropic", checking)
+    models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
+    pipe = FusionPipeline(models, PipelineConfig(global_size=32, tiling=SMALL_TILING))
+    pipe.run(_volume(), (1.0, 0.4, 0.4))
+    assert alive_during_networks == [False]
