@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -31,12 +31,14 @@ class KernelOptions:
 
     ``precision``: ``fp32`` (cuDNN may use TF32 for convolutions, PyTorch's default), ``bf16`` or
     ``fp16`` autocast, or ``fp16-weights`` (the whole network cast to float16, no autocast).
-    ``channels_last``: channels_last_3d memory format. ``cudnn_benchmark``: let cuDNN time its
+    ``channels_last``: channels_last_3d memory format; None picks per device: on for a CPU
+    (1.55x on the sample case's step 2, same output to 1 uint16 step), off for CUDA (DESIGN
+    section 4: slower with fp16 on an H100). ``cudnn_benchmark``: let cuDNN time its
     algorithms per input shape. ``compile``: a ``torch.compile`` mode, or None for eager.
     """
 
     precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool | None = None
     cudnn_benchmark: bool = False
     compile: str | None = None
 
@@ -59,14 +61,17 @@ class KernelOptions:
 
 
 def effective_options(options: KernelOptions, device: torch.device) -> KernelOptions:
-    """The options as they will run on ``device``: fp16 and cuDNN need CUDA, else float32 / off."""
-    if device.type == "cuda":
-        return options
+    """The options as they will run on ``device``: fp16 and cuDNN need CUDA, else float32 / off;
+    an unset ``channels_last`` becomes the device's default."""
+    cuda = device.type == "cuda"
+    channels_last = (not cuda) if options.channels_last is None else options.channels_last
+    if cuda:
+        return replace(options, channels_last=channels_last)
     precision = options.precision
     if precision in ("fp16", "fp16-weights"):
         log.warning("%s needs CUDA; running the networks in float32 on %s", precision, device.type)
         precision = "fp32"
-    return KernelOptions(precision, options.channels_last, False, options.compile)
+    return KernelOptions(precision, channels_last, False, options.compile)
 
 
 def build_forward(network: nn.Module, options: KernelOptions, device: torch.device) -> Forward:

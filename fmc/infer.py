@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--autocast", choices=("none", "bf16", "fp16"), default="none", help="same as --precision bf16|fp16"
     )
     parser.add_argument(
-        "--channels-last", action="store_true", help="run the networks in channels_last_3d memory format"
+        "--channels-last",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="channels_last_3d memory format for the networks (auto: on for CPU, off for CUDA)",
     )
     parser.add_argument(
         "--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms for each input shape"
@@ -282,7 +285,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
     tiling = TilingConfig(patch=(args.patch or DEFAULT_PATCH,) * 3, overlap=args.overlap, batch=args.batch)
     kernels = KernelOptions(
         precision=args.autocast if args.autocast != "none" else args.precision,
-        channels_last=args.channels_last,
+        channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
         cudnn_benchmark=args.cudnn_benchmark,
         compile=None if args.compile == "none" else args.compile,
     )

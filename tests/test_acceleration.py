@@ -42,13 +42,20 @@ def test_cpu_falls_back_to_float32_for_fp16_and_turns_cudnn_off(caplog):
     assert effective_options(wanted, torch.device("cuda")) == wanted  # nothing changes where CUDA runs
 
 
+def test_unset_channels_last_is_on_for_cpu_and_off_for_cuda():
+    assert effective_options(KernelOptions(), torch.device("cpu")).channels_last is True
+    assert effective_options(KernelOptions(), torch.device("cuda")).channels_last is False
+    assert effective_options(KernelOptions(channels_last=False), torch.device("cpu")).channels_last is False
+
+
 @pytest.mark.parametrize(
     ("options", "tolerance"),
     [
-        (KernelOptions(), 0.0),
+        (KernelOptions(channels_last=False), 0.0),
+        (KernelOptions(), 1e-5),  # CPU default: channels_last
         (KernelOptions(channels_last=True), 1e-5),
         (KernelOptions(precision="bf16"), 0.1),  # bf16 keeps 8 bits of mantissa
-        (KernelOptions(precision="fp16-weights"), 0.0),  # CPU: falls back to float32
+        (KernelOptions(precision="fp16-weights", channels_last=False), 0.0),  # CPU: float32
     ],
 )
 def test_forward_matches_eager_float32(options, tolerance):

@@ -160,8 +160,9 @@ def test_help_documents_every_flag():
     [
         ([], KernelOptions()),
         (["--autocast", "bf16"], KernelOptions(precision="bf16")),
+        (["--channels-last", "off"], KernelOptions(channels_last=False)),
         (
-            ["--precision", "fp16-weights", "--channels-last"],
+            ["--precision", "fp16-weights", "--channels-last", "on"],
             KernelOptions("fp16-weights", channels_last=True),
         ),
         (
@@ -183,7 +184,10 @@ def test_contradicting_precision_flags_are_refused():
 def test_kernel_options_reach_the_log_line(tmp_path, weights, caplog):
     _write_good_cases(tmp_path / "in")
     with caplog.at_level(logging.INFO, logger="fmc"):
-        assert _run(tmp_path / "in", tmp_path / "out", weights, "--channels-last", "--precision", "bf16") == 0
+        assert (
+            _run(tmp_path / "in", tmp_path / "out", weights, "--channels-last", "on", "--precision", "bf16")
+            == 0
+        )
     assert "bf16+channels_last" in caplog.text
 
 

@@ -252,7 +252,7 @@ class FusionModule(L.LightningModule):
             batch=self.cfg.val_batch,
         )
         return PipelineConfig(
-            kernels=KernelOptions(precision="bf16" if bf16 else "fp32"),
+            kernels=KernelOptions(precision="bf16" if bf16 else "fp32", channels_last=False),
             step1=self.stage == 1 or self.cfg.step1_enabled,
             step2=self.stage == 2,
             difference_weighting=self.apply_dw,

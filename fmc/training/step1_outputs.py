@@ -65,7 +65,7 @@ def compute_step1_outputs(
         step2=False,
         difference_weighting=False,
         global_size=global_size,
-        kernels=KernelOptions(precision=autocast or "fp32"),
+        kernels=KernelOptions(precision=autocast or "fp32", channels_last=False),
     )
     was_training = network.training
     pipeline = FusionPipeline(models, config, device)
