@@ -77,14 +77,14 @@ def effective_options(options: KernelOptions, device: torch.device) -> KernelOpt
 def build_forward(network: nn.Module, options: KernelOptions, device: torch.device) -> Forward:
     """A batch function ``(B, C, Z, Y, X) -> float32 (B, C_out, Z, Y, X)`` running ``network`` as asked.
 
-    Modifies ``network`` in place (device, dtype, memory format) and sets the process-wide
-    ``cudnn.benchmark`` flag when asked. With ``compile``, the first call of each new input
+    Modifies ``network`` in place (device, dtype, memory format) and switches the process-wide
+    ``cudnn.benchmark`` flag on when asked. With ``compile``, the first call of each new input
     shape compiles; the compile time is logged.
     """
     options = effective_options(options, device)
     network.to(device).eval()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = options.cudnn_benchmark
+    if device.type == "cuda" and options.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # only switched on: a caller's own setting stays
     input_dtype = torch.float32
     if options.precision == "fp16-weights":
         network.half()
