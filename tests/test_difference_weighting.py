@@ -52,3 +52,14 @@ def test_in_place_refuses_aliasing_and_even_filters():
         difference_weighting_(volume, volume.clone(), max_filter=4)
     with pytest.raises(ValueError, match="equal"):
         difference_weighting_(volume, torch.rand(4, 5, 7))
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 7])
+@pytest.mark.parametrize("shape", [(6, 7, 8), (2, 1, 9, 3, 4), (1, 1, 1)])
+def test_max_filter_equals_max_pooling(size, shape):
+    from fmc.difference_weighting import max_filter3d
+
+    volume = torch.rand(shape, generator=torch.Generator().manual_seed(size))
+    batched = volume.reshape(-1, 1, *shape[-3:])
+    expected = torch.nn.functional.max_pool3d(batched, size, 1, size // 2).reshape(shape)
+    assert torch.equal(max_filter3d(volume, size), expected)
