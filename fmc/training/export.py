@@ -53,8 +53,24 @@ def best_score(checkpoint: dict[str, Any]) -> float | None:
     return None
 
 
+def _portable(value: Any, base: Path) -> Any:
+    """Absolute paths inside ``base`` (the working folder) as relative ones, in nested JSON values.
+
+    Why: a card travels with the weights (into images, to other machines); a path like
+    ``/home/me/runs/x`` says nothing there, ``runs/x`` says how the run was laid out.
+    """
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        return str(path.relative_to(base)) if path.is_relative_to(base) else value
+    if isinstance(value, dict):
+        return {key: _portable(item, base) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_portable(item, base) for item in value]
+    return value
+
+
 def _training_record(config: FitConfig, checkpoint: dict[str, Any], ckpt: Path) -> dict[str, Any]:
-    """What the model card says about how the network was trained."""
+    """What the model card says about how the network was trained (paths relative to the cwd)."""
     run = Path(config.run_dir)
     record: dict[str, Any] = {
         "checkpoint": ckpt.name,
@@ -81,7 +97,7 @@ def _training_record(config: FitConfig, checkpoint: dict[str, Any], ckpt: Path) 
     data = run / "data.json"
     if data.is_file():
         record["data"] = json.loads(data.read_text())
-    return record
+    return _portable(record, Path.cwd().resolve())
 
 
 def export_checkpoint(

@@ -43,6 +43,25 @@ def test_export_writes_both_steps_with_cards(exported: Path) -> None:
     assert card["config"]["in_channels"] == 2
 
 
+def test_card_paths_inside_the_working_folder_become_relative(
+    fit_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(fit_run.parent)
+    out = tmp_path / "portable"
+    assert main(["export", "--ckpt", str(fit_run), "--out", str(out), "--channel", "any"]) == 0
+    text = (out / "any" / "step2.json").read_text()
+    card = json.loads(text)
+    assert card["training"]["fit_config"]["run_dir"] == fit_run.name
+    assert str(fit_run.parent.resolve()) not in text  # no absolute path of the working folder left
+
+
+def test_paths_outside_the_working_folder_are_kept(tmp_path: Path) -> None:
+    from fmc.training.export import _portable
+
+    record = {"a": str(tmp_path / "runs" / "x"), "b": ["/elsewhere/data", 3], "c": "not/a/path"}
+    assert _portable(record, tmp_path) == {"a": "runs/x", "b": ["/elsewhere/data", 3], "c": "not/a/path"}
+
+
 def test_exported_model_runs_in_the_pipeline(exported: Path, sim_data: Path) -> None:
     models = discover_models(exported, "nucleus", None)
     assert models.step1 is not None and models.step2 is not None
