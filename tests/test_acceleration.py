@@ -88,3 +88,20 @@ def test_compile_wraps_the_network_once_and_logs_each_new_shape(monkeypatch, cap
     assert modes == ["default"]
     assert caplog.text.count("torch.compile(default) for input") == 2  # (2, ...) and (1, ...)
     torch.testing.assert_close(first, _reference(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp16-weights", "fp16"])
+def test_the_cuda_fp16_code_paths_run_and_stay_close_to_float32(monkeypatch, precision):
+    """The CPU normally falls back to float32; forcing the CUDA branch here runs the real half
+    precision path (weights cast, input cast, float32 out) that a GPU would take."""
+    import fmc.acceleration as acceleration
+
+    monkeypatch.setattr(acceleration, "effective_options", lambda options, device: options)
+    forward = build_forward(
+        _network(), KernelOptions(precision=precision, channels_last=False), torch.device("cpu")
+    )
+    with torch.inference_mode():
+        out = forward(_batch())
+    assert out.dtype == torch.float32
+    difference = (out - _reference()).abs().max().item()
+    assert 0 < difference < 0.02  # really computed in half precision, and still close
