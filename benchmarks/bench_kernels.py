@@ -47,10 +47,6 @@ DEFAULT_VARIANTS = [
 ]  # that one compiles for minutes
 
 
-def _needs_cuda(options: KernelOptions) -> bool:
-    return options.precision in ("fp16", "fp16-weights") or options.cudnn_benchmark
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     for name in names:
         options = VARIANTS[name]
-        if _needs_cuda(options) and device.type != "cuda":
+        if options.needs_cuda and device.type != "cuda":
             rows[name] = {"options": options, "skipped": "needs CUDA"}
             continue
         try:

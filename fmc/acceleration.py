@@ -20,6 +20,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp16-weights")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_ONLY_PRECISIONS = ("fp16", "fp16-weights")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -48,6 +50,11 @@ class KernelOptions:
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
 
+    @property
+    def needs_cuda(self) -> bool:
+        """Whether any option here only exists on CUDA (a CPU runs float32 / without cuDNN instead)."""
+        return self.precision in CUDA_ONLY_PRECISIONS or self.cudnn_benchmark
+
     def describe(self) -> str:
         """Short label for logs and benchmark rows, e.g. ``fp16-weights+channels_last+compile(default)``."""
         parts = [self.precision]
@@ -68,7 +75,7 @@ def effective_options(options: KernelOptions, device: torch.device) -> KernelOpt
     if cuda:
         return replace(options, channels_last=channels_last)
     precision = options.precision
-    if precision in ("fp16", "fp16-weights"):
+    if precision in CUDA_ONLY_PRECISIONS:
         log.warning("%s needs CUDA; running the networks in float32 on %s", precision, device.type)
         precision = "fp32"
     return KernelOptions(precision, channels_last, False, options.compile)
@@ -92,7 +99,7 @@ def build_forward(network: nn.Module, options: KernelOptions, device: torch.devi
     memory_format = torch.channels_last_3d if options.channels_last else torch.contiguous_format
     if options.channels_last:
         network.to(memory_format=torch.channels_last_3d)
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision)
+    autocast = AUTOCAST_DTYPES.get(options.precision)
     module: Callable[[torch.Tensor], torch.Tensor] = network
     if options.compile:
         module = torch.compile(network, mode=options.compile, dynamic=False)

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -60,23 +60,6 @@ def trained_settings(models: ModelSet) -> dict:
         if loaded is not None:
             settings.update(loaded.card.training.get("pipeline", {}))
     return settings
-
-
-@contextmanager
-def _timed(
-    timings: dict[str, float], name: str, device: torch.device, high_water: dict[str, float] | None = None
-) -> Iterator[None]:
-    """Record wall seconds of a stage (synchronizing CUDA so the figure is the stage's own) and,
-    into ``high_water``, the memory high-water mark after it (GiB, see :mod:`fmc.memory`)."""
-    start = time.perf_counter()
-    yield
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timings[name] = round(time.perf_counter() - start, 3)
-    if high_water is not None:
-        peak = high_water_gib(device)
-        if peak is not None:
-            high_water[name] = round(peak, 3)
 
 
 def _volume_to_device(volume: np.ndarray, device: torch.device, slab: int = 32) -> torch.Tensor:
@@ -144,11 +127,18 @@ class FusionPipeline:
             if loaded is not None
         }
 
-    def _stage(
-        self, timings: dict[str, float], name: str, device: torch.device
-    ) -> AbstractContextManager[None]:
-        """:func:`_timed` that also records this pipeline's memory high-water marks."""
-        return _timed(timings, name, device, self.memory_high_water_gib)
+    @contextmanager
+    def _stage(self, timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+        """Record wall seconds of a stage (synchronizing CUDA so the figure is the stage's own) and
+        the memory high-water mark after it (GiB, see :mod:`fmc.memory`)."""
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[name] = round(time.perf_counter() - start, 3)
+        peak = high_water_gib(device)
+        if peak is not None:
+            self.memory_high_water_gib[name] = round(peak, 3)
 
     @property
     def global_size(self) -> int:

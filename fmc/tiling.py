@@ -31,10 +31,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from fmc.acceleration import AUTOCAST_DTYPES
+
 log = logging.getLogger(__name__)
 
 Shape3 = tuple[int, int, int]
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOG_EVERY_SECONDS = 30.0
 _DIVIDE_SLAB_VOXELS = 1 << 24
 
