@@ -25,7 +25,7 @@ from fmc.memory import high_water_gib
 from fmc.metrics import percentile_bounds
 from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
-from fmc.tiling import PatchSource, TilingConfig, sliding_window_inference
+from fmc.tiling import Deadline, PatchSource, TilingConfig, sliding_window_inference
 from fmc.weights import LoadedModel, ModelSet
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,11 @@ class StepTwoInputs:
             return image[None]
         second = image if self.upsampler is None else self.upsampler.region(start, size)
         return torch.stack([image, second])
+
+    def step_one_channel(self, batch: torch.Tensor) -> torch.Tensor:
+        """The step-1 output of a (B, C, ...) batch of these patches: what a patch predicts when step 2
+        has no time left for it (without step 1 it is the input, as in the ablation above)."""
+        return batch[:, -1:]
 
 
 class FusionPipeline:
@@ -253,27 +258,37 @@ class FusionPipeline:
 
         With a deadline, the planner may lower the overlap, drop flips, or skip step 2
         (returning None: use the step-1 output) so that an output is always written in time.
+        Should the patches still run late (a slower machine than the timed batch said), the
+        patches that no longer fit take the step-1 output as their prediction.
         """
         assert self.step2_model is not None
         wanted = int(self.step2_model.card.config.get("in_channels", 2))
         source = StepTwoInputs(iso, step1_small, wanted)
         tiling, tta = self.config.tiling, self.config.tta
+        stop = None
         if deadline is not None:
             plan = self._plan_step_two(source, deadline, reserve_seconds)
             log.info("planner: %s", plan.reason)
             if not plan.run:
                 return None
             tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
-        return self._tile_with_retries(source, self._predictor(self.step2_model, tta), tiling)[0]
+            stop = Deadline(deadline - reserve_seconds, source.step_one_channel)
+        return self._tile_with_retries(source, self._predictor(self.step2_model, tta), tiling, stop)[0]
 
     def _tile_with_retries(
-        self, source: PatchSource, predictor: Callable[[torch.Tensor], torch.Tensor], tiling: TilingConfig
+        self,
+        source: PatchSource,
+        predictor: Callable[[torch.Tensor], torch.Tensor],
+        tiling: TilingConfig,
+        deadline: Deadline | None = None,
     ) -> torch.Tensor:
         """Sliding windows; on GPU out-of-memory retry: half batch, smaller patch, then sums on the host."""
         attempts = out_of_memory_fallbacks(tiling)
         for number, (config, accumulate_on) in enumerate(attempts):
             try:
-                out = sliding_window_inference(source, predictor, config, accumulate_on=accumulate_on)
+                out = sliding_window_inference(
+                    source, predictor, config, accumulate_on=accumulate_on, deadline=deadline
+                )
                 return out.to(source.device)
             except torch.cuda.OutOfMemoryError:
                 if number + 1 == len(attempts):
@@ -294,9 +309,12 @@ class FusionPipeline:
     def _plan_step_two(self, source: StepTwoInputs, deadline: float, reserve_seconds: float) -> StepTwoPlan:
         """Estimate the time of one batch of patches, then let the planner pick overlap and flips.
 
-        When step 1 ran with the same preset, its forward throughput gives the estimate for
-        free (pessimistic: it includes the first call's warm-up). Otherwise one real batch is
-        timed, after a warm-up batch on CUDA.
+        On a CPU, when step 1 ran with the same preset, its forward throughput gives the
+        estimate for free (pessimistic: it includes the first call's warm-up; a CPU batch of the
+        paper's network costs seconds). Otherwise one real batch is timed, after a warm-up batch
+        on CUDA: there step 1's first call also pays for loading kernels and choosing cuDNN
+        algorithms, which would make the estimate pessimistic enough to lower the overlap for
+        nothing, and two batches cost a fraction of a second.
         """
         assert self.step2_model is not None
         tiling = self.config.tiling
@@ -305,6 +323,7 @@ class FusionPipeline:
             self.step1_model is not None
             and self.step1_model.card.preset == self.step2_model.card.preset
             and self.config.kernels.compile is None  # step 1's time would include its compilation
+            and self.device.type != "cuda"
         )
         if same_preset and self._step1_voxels_per_second:
             seconds_per_batch = voxels_per_batch / self._step1_voxels_per_second

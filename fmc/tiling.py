@@ -23,6 +23,7 @@ import logging
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -36,8 +37,13 @@ from fmc.acceleration import AUTOCAST_DTYPES
 log = logging.getLogger(__name__)
 
 Shape3 = tuple[int, int, int]
+Predictor = Callable[[torch.Tensor], torch.Tensor]
 LOG_EVERY_SECONDS = 30.0
 _DIVIDE_SLAB_VOXELS = 1 << 24
+# With a deadline, at most this many network batches wait in the CUDA queue, so the clock
+# measures finished work (the GPU still always has the next batch queued).
+QUEUED_BATCHES = 2
+_clock = time.perf_counter  # the tests substitute a fake clock
 
 
 @dataclass
@@ -62,6 +68,62 @@ class TilingConfig:
             raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
         if not 0.0 < self.window_floor <= 1.0:
             raise ValueError(f"window_floor must be in (0, 1], got {self.window_floor}")
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """Stop running the network so that the patch loop ends by ``stop_at`` (a ``time.perf_counter()``
+    value); the patches left then take ``fallback(batch)``, a cheap stand-in prediction.
+
+    Why: the planner predicts step 2's time from one batch, and a machine can turn out slower
+    than that batch said. Patches that no longer fit get the stand-in (step 2: the step-1
+    output, i.e. no correction) instead of the case missing the platform's time limit.
+    """
+
+    stop_at: float
+    fallback: Predictor
+
+
+class _Stopwatch:
+    """Decides before each network batch whether it, the batches still queued on the GPU and the
+    stand-ins for the remaining patches still fit before the deadline."""
+
+    def __init__(self, deadline: Deadline, device: torch.device) -> None:
+        self.deadline, self.device = deadline, device
+        self.queued: deque[torch.cuda.Event] = deque()
+        self.started: float | None = None
+        self.batches = 0
+        self.fetch_seconds = 0.0
+        self.fetched = 0
+        self.stopped = False
+
+    def network_fits(self, patches_after: int) -> bool:
+        """Whether one more network batch fits, with ``patches_after`` patches still to follow it."""
+        if self.stopped:
+            return False
+        now = _clock()
+        if self.started is None:  # nothing measured yet: the first batch always runs
+            self.started = now
+            return True
+        per_batch = (now - self.started) / max(self.batches - len(self.queued), 1)
+        per_patch = self.fetch_seconds / max(self.fetched, 1)
+        finish = now + (len(self.queued) + 1) * per_batch + patches_after * per_patch
+        self.stopped = finish > self.deadline.stop_at
+        return not self.stopped
+
+    def ran_batch(self, patches: int, fetch_seconds: float) -> None:
+        """Count a network batch of ``patches`` that took ``fetch_seconds`` to gather (the cost of a
+        stand-in patch too); on CUDA, wait until at most QUEUED_BATCHES are still unfinished."""
+        self.batches += 1
+        self.fetched += patches
+        self.fetch_seconds += fetch_seconds
+        if self.device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self.queued.append(event)
+        while len(self.queued) > QUEUED_BATCHES:
+            self.queued.popleft().synchronize()
 
 
 class PatchSource(Protocol):
@@ -267,13 +329,21 @@ def _autocast_dtype(config: TilingConfig, device: torch.device) -> torch.dtype |
     return dtype
 
 
+def _forward(predictor: Predictor, batch: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None:
+        return predictor(batch)
+    with torch.autocast(batch.device.type, dtype=dtype):
+        return predictor(batch)
+
+
 def sliding_window_inference(
     volume: torch.Tensor | PatchSource,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    predictor: Predictor,
     config: TilingConfig,
     *,
     progress: bool = True,
     accumulate_on: torch.device | str | None = None,
+    deadline: Deadline | None = None,
 ) -> torch.Tensor:
     """Run ``predictor`` on overlapping patches of a (C, Z, Y, X) volume and blend the outputs.
 
@@ -283,6 +353,8 @@ def sliding_window_inference(
     is then read whole first: it is small). Accumulation stays on the device; memory is the input
     plus one output volume plus a batch of patches. ``accumulate_on`` moves the output volume
     elsewhere (the host, when the GPU is out of memory); the result is then returned on that device.
+    ``deadline``: patches that would end the loop after ``deadline.stop_at`` take the fallback
+    prediction instead of ``predictor`` (logged with their count).
     """
     if isinstance(volume, torch.Tensor):
         if volume.dim() != 4:
@@ -328,16 +400,31 @@ def sliding_window_inference(
         )
         out: torch.Tensor | None = None
         tracker = _Progress(len(indices), progress, device)
+        stopwatch = None if deadline is None else _Stopwatch(deadline, device)
+        stand_ins = 0
         try:
             for b0 in range(0, len(indices), config.batch):
                 chunk = indices[b0 : b0 + config.batch]
                 corners = [(starts[0][i], starts[1][j], starts[2][k]) for i, j, k in chunk]
+                run_network = stopwatch is None or stopwatch.network_fits(len(indices) - b0 - len(chunk))
+                fetch_start = _clock()
                 batch = torch.stack([source.patch(corner, patch) for corner in corners])
-                if dtype is None:
-                    pred = predictor(batch)
+                fetch_seconds = _clock() - fetch_start  # on CUDA: queued, not finished, work
+                if run_network:
+                    pred = _forward(predictor, batch, dtype)
+                    if stopwatch is not None:
+                        stopwatch.ran_batch(len(chunk), fetch_seconds)
                 else:
-                    with torch.autocast(device.type, dtype=dtype):
-                        pred = predictor(batch)
+                    assert deadline is not None
+                    if stand_ins == 0:
+                        log.warning(
+                            "time is up after %d of %d patches: the %d left take the fallback prediction",
+                            b0,
+                            len(indices),
+                            len(indices) - b0,
+                        )
+                    stand_ins += len(chunk)
+                    pred = deadline.fallback(batch)
                 if pred.dim() != 5 or pred.shape[0] != len(chunk) or tuple(pred.shape[2:]) != patch:
                     raise ValueError(
                         f"predictor returned shape {tuple(pred.shape)} for a batch of {tuple(batch.shape)}"

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -174,11 +175,11 @@ def test_out_of_memory_everywhere_on_device_ends_with_host_accumulation(monkeypa
     real = pipeline_module.sliding_window_inference
     hosts = []
 
-    def device_always_full(volume, predictor, config, *, progress=True, accumulate_on=None):
+    def device_always_full(volume, predictor, config, *, accumulate_on=None, **options):
         hosts.append(accumulate_on)
         if accumulate_on is None:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(volume, predictor, config, progress=progress, accumulate_on=accumulate_on)
+        return real(volume, predictor, config, accumulate_on=accumulate_on, **options)
 
     monkeypatch.setattr(pipeline_module, "sliding_window_inference", device_always_full)
     volume = _volume()
@@ -200,6 +201,39 @@ def test_planner_without_step_one_times_a_real_batch_and_keeps_quality(caplog):
         out, _ = pipe.run(volume, (0.6, 0.6, 0.6), deadline=time.perf_counter() + 3600)
     assert "fits" in caplog.text and "overlap" not in caplog.text.split("fits")[0].split("planner:")[-1]
     assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
+
+
+class SlowAfterTheProbe(nn.Module):
+    """A step-2 'network' (input + 5) whose first call, the planner's timed batch, is quick and the
+    rest take 0.2 s each: a machine slower than the planner measured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            time.sleep(0.2)
+        return x[:, :1] + 5.0
+
+
+def test_step_two_running_late_gives_its_last_patches_the_step_one_output(caplog):
+    iso = torch.rand((64, 24, 24), generator=torch.Generator().manual_seed(0))
+    slow = SlowAfterTheProbe()
+    models = ModelSet(step1=_tiny(1, 1, 0), step2=_loaded(slow, 2, 2), folder=None)
+    config = PipelineConfig(global_size=32, difference_weighting=False, tiling=SMALL_TILING)
+    deadline = time.perf_counter() + 1.2  # 20 patches in 10 batches would take 2 s
+    with caplog.at_level(logging.INFO):
+        out = FusionPipeline(models, config).predict_isotropic(iso, deadline=deadline)
+    finished = time.perf_counter()
+    assert "fits" in caplog.text and "time is up after" in caplog.text
+    assert finished <= deadline + 0.3  # the last network batch may end a little late, not 0.8 s late
+    assert 3 <= slow.calls <= 9  # the probe, then the first z rows of patches
+    step_one = FusionPipeline(models, replace(config, step2=False)).predict_isotropic(iso)
+    # patches start at z = 0, 12, ..., 48: z < 12 only saw the first row, z >= 52 only the last
+    torch.testing.assert_close(out[:12], iso[:12] + 5.0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[52:], step_one[52:], atol=1e-4, rtol=0)
 
 
 def test_tiling_autocast_is_refused_in_favour_of_kernel_options():
