@@ -208,7 +208,8 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
     # with a deadline the CUDA queue is bounded by events; far away, it changes nothing
     far = Deadline(stop_at=time.perf_counter() + 3600, fallback=lambda b: torch.zeros_like(b[:, :1]))
-    timed = sliding_window_inference(volume.cuda(), conv, TilingConfig(patch=PATCH, overlap=0.5), deadline=far)
+    config = TilingConfig(patch=PATCH, overlap=0.5)
+    timed = sliding_window_inference(volume.cuda(), conv, config, deadline=far)
     assert torch.equal(timed, gpu)
 
 
