@@ -34,12 +34,15 @@ from benchmarks.common import (
 )
 
 _DEVICE_LINE = re.compile(r"device: (.+)$", re.MULTILINE)
-_PLANNER_LINE = re.compile(r"planner: (.+)$", re.MULTILINE)
+_PLANNER_LINE = re.compile(r"planner: (.+)$|(time is up after .+)$", re.MULTILINE)
 
 
 def planner_decisions(log: str) -> list[str]:
-    """The time planner's lines from inference.py's log (its messages start with "planner: " too)."""
-    return [line.strip().removeprefix("planner: ") for line in _PLANNER_LINE.findall(log)]
+    """The time planner's lines from inference.py's log (its messages start with "planner: " too),
+    and step 2's own stop when it runs late ("time is up after N of M patches ...")."""
+    return [
+        (planned or late).strip().removeprefix("planner: ") for planned, late in _PLANNER_LINE.findall(log)
+    ]
 
 
 def inference_command(prepared: PreparedCase, device: str, extra_args: list[str]) -> list[str]:

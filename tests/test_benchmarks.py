@@ -143,10 +143,12 @@ def test_planner_decisions_are_collected_without_the_logger_prefix() -> None:
         "12:00 INFO fmc.planner: planner: overlap 0.500 would take 1332.5s > 327.5s, trying cheaper\n"
         "12:00 INFO fmc.pipeline: planner: even the cheapest step 2 exceeds the 327.5s left: step 1 only\n"
         "12:01 INFO fmc: done\n"
+        "12:02 WARNING fmc.tiling: time is up after 40 of 60 patches: the 20 left take the fallback\n"
     )
     assert planner_decisions(log) == [
         "overlap 0.500 would take 1332.5s > 327.5s, trying cheaper",
         "even the cheapest step 2 exceeds the 327.5s left: step 1 only",
+        "time is up after 40 of 60 patches: the 20 left take the fallback",
     ]
 
 
