@@ -28,7 +28,7 @@ from benchmarks.common import host_info, print_json
 from fmc.acceleration import KernelOptions, build_forward
 from fmc.network import RUNet, count_parameters, preset
 
-_EAGER = KernelOptions(channels_last=False)  # explicit: unset would mean "per device"
+_EAGER = KernelOptions(precision="fp32", channels_last=False)  # explicit: unset means "per device"
 VARIANTS: dict[str, KernelOptions] = {
     "fp32": _EAGER,
     "bf16": replace(_EAGER, precision="bf16"),

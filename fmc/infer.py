@@ -221,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="fp32",
-        help="network arithmetic: fp32 (cuDNN may use TF32), bf16/fp16 autocast, or fp16-weights "
-        "(whole network in float16); fp16 needs CUDA",
+        default="auto",
+        help="network arithmetic: fp32 (cuDNN may use TF32), bf16/fp16 autocast, fp16-weights "
+        "(whole network in float16; fp16 needs CUDA), or auto: fp16-weights on CUDA, else fp32",
     )
     parser.add_argument(
         "--autocast", choices=("none", "bf16", "fp16"), default="none", help="same as --precision bf16|fp16"
@@ -280,7 +280,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         raise SystemExit("--patch must be >= 8 and --batch >= 1")
     if args.max_filter < 1 or args.max_filter % 2 == 0:
         raise SystemExit(f"--max-filter must be odd and >= 1, got {args.max_filter}")
-    if args.autocast != "none" and args.precision not in ("fp32", args.autocast):
+    if args.autocast != "none" and args.precision not in ("auto", args.autocast):
         raise SystemExit(f"--autocast {args.autocast} contradicts --precision {args.precision}")
     tiling = TilingConfig(patch=(args.patch or DEFAULT_PATCH,) * 3, overlap=args.overlap, batch=args.batch)
     kernels = KernelOptions(

@@ -224,6 +224,7 @@ class FusionPipeline:
             with self._stage(timings, "step1_upsample", dev):
                 prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
         del step1_small
+        _replace_non_finite_(prediction, iso)
         if self.config.difference_weighting:
             with self._stage(timings, "dw", dev):
                 prediction = difference_weighting_(iso, prediction, self.config.max_filter)
@@ -397,6 +398,30 @@ def out_of_memory_fallbacks(
         ladder.append((current, None))
     ladder.append((current, "cpu"))
     return ladder
+
+
+def _replace_non_finite_(prediction: torch.Tensor, image: torch.Tensor, slab_voxels: int = 1 << 24) -> int:
+    """Give voxels where the networks produced inf / NaN the input's value (in place, z-slab by z-slab).
+
+    Why: a network run in float16 (the CUDA default) overflows above 65504; a case should
+    still get a usable output, and the log says what happened. Returns the count replaced.
+    """
+    rows = max(1, slab_voxels // max(1, prediction[0].numel()))
+    replaced = 0
+    for z0 in range(0, prediction.shape[0], rows):
+        part = prediction[z0 : z0 + rows]
+        bad = ~torch.isfinite(part)
+        count = int(bad.sum())
+        if count:
+            part[bad] = image[z0 : z0 + rows][bad]
+            replaced += count
+    if replaced:
+        log.warning(
+            "%d voxels of the network output were not finite (float16 overflow?) and took the input's "
+            "values; --precision fp32 avoids that",
+            replaced,
+        )
+    return replaced
 
 
 def _to_uint16(slab: torch.Tensor, low: float, high: float) -> np.ndarray:

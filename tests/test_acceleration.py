@@ -42,6 +42,14 @@ def test_cpu_falls_back_to_float32_for_fp16_and_turns_cudnn_off(caplog):
     assert effective_options(wanted, torch.device("cuda")) == wanted  # nothing changes where CUDA runs
 
 
+def test_auto_precision_is_float16_weights_on_cuda_and_float32_elsewhere(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert effective_options(KernelOptions(), torch.device("cpu")).precision == "fp32"
+    assert "needs CUDA" not in caplog.text  # the default is no reason for a warning
+    assert effective_options(KernelOptions(), torch.device("cuda")).precision == "fp16-weights"
+    assert effective_options(KernelOptions(precision="fp32"), torch.device("cuda")).precision == "fp32"
+
+
 def test_unset_channels_last_is_on_for_cpu_and_off_for_cuda():
     assert effective_options(KernelOptions(), torch.device("cpu")).channels_last is True
     assert effective_options(KernelOptions(), torch.device("cuda")).channels_last is False

@@ -236,6 +236,26 @@ def test_step_two_running_late_gives_its_last_patches_the_step_one_output(caplog
     torch.testing.assert_close(out[52:], step_one[52:], atol=1e-4, rtol=0)
 
 
+class OverflowsInACorner(nn.Module):
+    """An identity step-2 'network' whose output overflows (inf, NaN) in one corner, as float16 can."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x[:, :1].clone()
+        out[..., :3, :3, :3] = float("inf")
+        out[..., -2:, -2:, -2:] = float("nan")
+        return out
+
+
+def test_non_finite_network_output_takes_the_input_values_and_is_logged(caplog):
+    volume = _volume()
+    models = ModelSet(step1=None, step2=_loaded(OverflowsInACorner(), 2, 2), folder=None)
+    config = PipelineConfig(step1=False, difference_weighting=False, tiling=SMALL_TILING)
+    with caplog.at_level(logging.WARNING):
+        out, _ = FusionPipeline(models, config).run(volume, (0.6, 0.6, 0.6))
+    assert "were not finite" in caplog.text and "--precision fp32" in caplog.text
+    assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
+
+
 def test_tiling_autocast_is_refused_in_favour_of_kernel_options():
     with pytest.raises(ValueError, match="KernelOptions"):
         PipelineConfig(tiling=TilingConfig(patch=(16, 16, 16), autocast="bf16"))
