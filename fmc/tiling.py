@@ -329,6 +329,19 @@ def _autocast_dtype(config: TilingConfig, device: torch.device) -> torch.dtype |
     return dtype
 
 
+def _pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Repeat the last patch up to ``size`` patches.
+
+    Why: a last, smaller batch is a new input shape, for which ``torch.compile`` compiles
+    again (tens of seconds) and cuDNN's autotuner times its algorithms again; a few
+    repeated patches cost less.
+    """
+    missing = size - batch.shape[0]
+    if missing <= 0:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(missing, *batch.shape[1:])])
+
+
 def _forward(predictor: Predictor, batch: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is None:
         return predictor(batch)
@@ -402,6 +415,7 @@ def sliding_window_inference(
         tracker = _Progress(len(indices), progress, device)
         stopwatch = None if deadline is None else _Stopwatch(deadline, device)
         stand_ins = 0
+        full = config.batch if len(indices) > config.batch else len(indices)  # one forward shape
         try:
             for b0 in range(0, len(indices), config.batch):
                 chunk = indices[b0 : b0 + config.batch]
@@ -411,7 +425,9 @@ def sliding_window_inference(
                 batch = torch.stack([source.patch(corner, patch) for corner in corners])
                 fetch_seconds = _clock() - fetch_start  # on CUDA: queued, not finished, work
                 if run_network:
-                    pred = _forward(predictor, batch, dtype)
+                    pred = _forward(predictor, _pad_batch(batch, full), dtype)
+                    if pred.shape[0] == full > len(chunk):
+                        pred = pred[: len(chunk)]
                     if stopwatch is not None:
                         stopwatch.ran_batch(len(chunk), fetch_seconds)
                 else:

@@ -148,6 +148,22 @@ def test_a_real_network_is_blended_without_jumps():
     assert (tiled - whole).abs().max().item() < 1e-2 * whole.abs().max().item()
 
 
+def test_every_forward_has_the_full_batch_shape():
+    shapes = []
+
+    def recording(batch: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(batch.shape))
+        return batch * 3
+
+    volume = random_volume((1, 16, 16, 64))  # 7 patches: batches of 3, 3 and a last one padded to 3
+    out = sliding_window_inference(volume, recording, TilingConfig(patch=PATCH, overlap=0.5, batch=3))
+    assert shapes == [(3, 1, 16, 16, 16)] * 3
+    torch.testing.assert_close(out, volume * 3, atol=1e-5, rtol=0)
+    shapes.clear()  # fewer patches than the batch: no padding, one forward of what there is
+    sliding_window_inference(random_volume((1, 16, 16, 24)), recording, TilingConfig(patch=PATCH, batch=3))
+    assert shapes == [(2, 1, 16, 16, 16)]
+
+
 def test_autocast_options_on_cpu():
     volume = random_volume((1, 20, 20, 20))
     torch.manual_seed(0)
