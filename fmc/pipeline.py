@@ -220,11 +220,13 @@ class FusionPipeline:
         if self.step2_model is not None:
             with self._stage(timings, "step2", dev):
                 prediction = self._patch_step(iso, step1_small, deadline, reserve_seconds)
+                if prediction is not None:
+                    _replace_non_finite_(prediction, iso)
         if prediction is None:  # step 2 off or skipped by the planner: step 1 at full resolution
             with self._stage(timings, "step1_upsample", dev):
                 prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
+                _replace_non_finite_(prediction, iso)
         del step1_small
-        _replace_non_finite_(prediction, iso)
         if self.config.difference_weighting:
             with self._stage(timings, "dw", dev):
                 prediction = difference_weighting_(iso, prediction, self.config.max_filter)

@@ -246,10 +246,14 @@ class OverflowsInACorner(nn.Module):
         return out
 
 
-def test_non_finite_network_output_takes_the_input_values_and_is_logged(caplog):
-    volume = _volume()
-    models = ModelSet(step1=None, step2=_loaded(OverflowsInACorner(), 2, 2), folder=None)
-    config = PipelineConfig(step1=False, difference_weighting=False, tiling=SMALL_TILING)
+@pytest.mark.parametrize("step", [1, 2])
+def test_non_finite_network_output_takes_the_input_values_and_is_logged(caplog, step):
+    volume = _volume((32, 32, 32))  # at 0.6 um and global size 32, step 1's resampling is exact
+    network = _loaded(OverflowsInACorner(), step, step)
+    models = ModelSet(step1=network if step == 1 else None, step2=network if step == 2 else None, folder=None)
+    config = PipelineConfig(
+        step1=step == 1, step2=step == 2, global_size=32, difference_weighting=False, tiling=SMALL_TILING
+    )
     with caplog.at_level(logging.WARNING):
         out, _ = FusionPipeline(models, config).run(volume, (0.6, 0.6, 0.6))
     assert "were not finite" in caplog.text and "--precision fp32" in caplog.text
