@@ -148,7 +148,13 @@ def _fuse_one(
             config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))
         pipelines[key] = FusionPipeline(models, config, device)
     pipeline = pipelines[key]
-    fused, timings = pipeline.run(case.volume, meta.spacing, deadline=deadline)
+    shape = case.volume.shape
+    input_projection = _projection(case.volume) if options.preview else None
+    # A writeable uint16 input takes the prediction in place: one volume on the host, not two.
+    reuse = case.volume.dtype == np.uint16 and case.volume.flags.writeable
+    fused, timings = pipeline.run(
+        case.volume, meta.spacing, deadline=deadline, out=case.volume if reuse else None
+    )
     write_start = time.perf_counter()
     target = options.output / path.name
     write_prediction(target, fused, meta)
@@ -157,12 +163,12 @@ def _fuse_one(
         **timings,
         "write": round(time.perf_counter() - write_start, 3),
     }
-    if options.preview:
-        _write_preview(options.output / f"{path.stem}_preview.png", case.volume, fused)
+    if input_projection is not None:
+        _write_preview(options.output / f"{path.stem}_preview.png", input_projection, fused)
     spacing = "x".join(f"{s:g}" for s in meta.spacing)
     steps = " ".join(f"{name}={seconds:.2f}s" for name, seconds in timings.items())
     summary = (
-        f"{path.name}: shape={'x'.join(map(str, case.volume.shape))} spacing={spacing}um "
+        f"{path.name}: shape={'x'.join(map(str, shape))} spacing={spacing}um "
         f"channel={meta.channel} study={meta.study} model={pipeline.describe()} device={device.type} "
         f"total={sum(timings.values()):.2f}s [{steps}]"
     )
@@ -174,17 +180,19 @@ def _fuse_one(
     return summary
 
 
-def _write_preview(path: Path, volume: np.ndarray, fused: np.ndarray) -> None:
+def _projection(volume: np.ndarray) -> np.ndarray:
+    """Maximum-intensity projection along z, contrast-stretched to uint8 (2nd-99.8th percentile)."""
+    projection = volume.max(axis=0).astype(np.float32)
+    low, high = np.percentile(projection, (2, 99.8))
+    scaled = np.clip((projection - low) / (high - low if high > low else 1.0), 0, 1)
+    return (scaled * 255).astype(np.uint8)
+
+
+def _write_preview(path: Path, input_projection: np.ndarray, fused: np.ndarray) -> None:
     """Maximum-intensity projections (input | output) so a person can eyeball the result."""
     from PIL import Image
 
-    def mip(array: np.ndarray) -> np.ndarray:
-        projection = array.max(axis=0).astype(np.float32)
-        low, high = np.percentile(projection, (2, 99.8))
-        scaled = np.clip((projection - low) / (high - low if high > low else 1.0), 0, 1)
-        return (scaled * 255).astype(np.uint8)
-
-    Image.fromarray(np.concatenate([mip(volume), mip(fused)], axis=1)).save(path)
+    Image.fromarray(np.concatenate([input_projection, _projection(fused)], axis=1)).save(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

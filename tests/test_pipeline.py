@@ -109,6 +109,18 @@ def test_same_input_same_output_on_cpu():
     assert marks == sorted(marks) and marks[0] > 0
 
 
+def test_the_prediction_can_overwrite_the_input_array():
+    volume = _volume((18, 30, 26))
+    models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
+    pipe = FusionPipeline(models, PipelineConfig(global_size=32, tiling=SMALL_TILING))
+    expected, _ = pipe.run(volume, (1.0, 0.4, 0.4))
+    in_place = volume.copy()
+    got, _ = pipe.run(in_place, (1.0, 0.4, 0.4), out=in_place)
+    assert got is in_place and np.array_equal(got, expected) and not np.array_equal(got, volume)
+    with pytest.raises(ValueError, match="writeable uint16"):
+        pipe.run(volume, (1.0, 0.4, 0.4), out=volume.astype(np.float32))
+
+
 def test_expired_budget_falls_back_to_step_one_and_still_writes(caplog):
     volume = _volume((18, 30, 26))
     models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
