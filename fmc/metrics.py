@@ -91,6 +91,11 @@ def _numpy_int_percentiles(x: np.ndarray, qs: Sequence[float]) -> list[float]:
         if offset:
             chunk = chunk.astype(np.int32) + offset
         counts += np.bincount(chunk, minlength=counts.size)
+    return percentiles_from_counts(counts, offset, qs)
+
+
+def percentiles_from_counts(counts: np.ndarray, offset: int, qs: Sequence[float]) -> list[float]:
+    """np.percentile's linear method from a histogram: ``counts[i]`` voxels hold the value ``i - offset``."""
     cum = np.cumsum(counts)
     n = int(cum[-1])
 

@@ -22,10 +22,10 @@ import torch
 from fmc.acceleration import Forward, KernelOptions, build_forward
 from fmc.difference_weighting import difference_weighting_
 from fmc.memory import high_water_gib
-from fmc.metrics import percentile_bounds
 from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.tiling import Deadline, PatchSource, TilingConfig, sliding_window_inference
+from fmc.upload import upload
 from fmc.weights import LoadedModel, ModelSet
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,6 @@ def trained_settings(models: ModelSet) -> dict:
         if loaded is not None:
             settings.update(loaded.card.training.get("pipeline", {}))
     return settings
-
-
-def _volume_to_device(volume: np.ndarray, device: torch.device, slab: int = 32) -> torch.Tensor:
-    """Copy a ZYX array to ``device`` as float32, slab by slab, so the host never holds a float copy."""
-    out = torch.empty(volume.shape, dtype=torch.float32, device=device)
-    for z in range(0, volume.shape[0], slab):
-        part = np.asarray(volume[z : z + slab], dtype=np.float32)
-        out[z : z + slab] = torch.from_numpy(part).to(device, non_blocking=False)
-    return out
 
 
 class StepTwoInputs:
@@ -192,15 +183,14 @@ class FusionPipeline:
         self.memory_high_water_gib = {}
         with torch.inference_mode():
             with self._stage(timings, "to_device", dev):
-                raw = _volume_to_device(volume, dev)
+                raw = upload(volume, dev)
             with self._stage(timings, "normalize", dev):
-                lo, hi = percentile_bounds(raw)
-                image = raw.sub_(lo).div_(hi - lo if hi > lo else 1.0)
-                del raw  # the same tensor as image: one name, so the del below frees it
+                lo, hi = raw.percentile_bounds()
             with self._stage(timings, "resample_in", dev):
+                # resampling is linear with unit-sum weights: normalizing after it is the same
                 iso_shape = isotropic_shape(tuple(volume.shape), spacing, self.config.target_spacing)
-                iso = resample_to_shape(image, iso_shape)
-                del image
+                iso = resample_to_shape(raw, iso_shape).sub_(lo).div_(hi - lo if hi > lo else 1.0)
+                del raw
             # What follows step 2 costs about two resamplings (three more for difference weighting,
             # measured on CPU; negligible on a GPU) plus the host copy; keep it in reserve.
             passes = 2.0 + (3.0 if self.config.difference_weighting else 0.0)

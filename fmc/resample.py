@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -166,6 +167,42 @@ def _full_fp32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
+class PlaneSource(Protocol):
+    """A (Z, Y, X) volume that hands out float32 bands of planes, e.g. :class:`fmc.upload.DeviceVolume`.
+
+    Why: the input can stay in 16 bits on the device; only the band a slab needs is float32.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def planes(self, z0: int, z1: int) -> torch.Tensor:
+        """Planes ``z0:z1`` as a float32 (z1 - z0, Y, X) tensor."""
+        ...
+
+
+class _FloatPlanes:
+    """A float32 tensor as a :class:`PlaneSource` (bands are views)."""
+
+    def __init__(self, volume: torch.Tensor) -> None:
+        self.volume = volume.to(torch.float32).contiguous()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.volume.shape
+        return (int(z), int(y), int(x))
+
+    @property
+    def device(self) -> torch.device:
+        return self.volume.device
+
+    def planes(self, z0: int, z1: int) -> torch.Tensor:
+        return self.volume[z0:z1]
+
+
 def _check_shape(out_shape: Sequence[int]) -> Shape3:
     shape = tuple(int(n) for n in out_shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -174,7 +211,7 @@ def _check_shape(out_shape: Sequence[int]) -> Shape3:
 
 
 def resample_to_shape(
-    volume: torch.Tensor,
+    volume: torch.Tensor | PlaneSource,
     out_shape: Sequence[int],
     *,
     antialias: bool = True,
@@ -185,8 +222,9 @@ def resample_to_shape(
     Trilinear with ``align_corners=False`` (equal to ``F.interpolate`` to float rounding); with
     ``antialias`` each downsampled axis is first smoothed by a Gaussian of sigma (factor - 1) / 2
     input voxels (replicate edges). Work goes in output z-slabs of about ``chunk_voxels`` voxels per
-    temporary (default 32 Mi), so memory is input + output + a few slabs. Non-float32 input is
-    converted first (one extra copy). The input must be finite: a NaN spreads over its GEMM band.
+    temporary (default 32 Mi), so memory is input + output + a few slabs. A non-float32 tensor
+    is converted first (one extra copy); a :class:`PlaneSource` is read band by band instead.
+    The input must be finite: a NaN spreads over its GEMM band.
     """
     out_shape = _check_shape(out_shape)
     if isinstance(volume, torch.Tensor) and tuple(volume.shape) == out_shape:
@@ -201,7 +239,7 @@ def resample_to_shape(
 
 
 def resample_slabs(
-    volume: torch.Tensor,
+    volume: torch.Tensor | PlaneSource,
     out_shape: Sequence[int],
     *,
     antialias: bool = True,
@@ -213,21 +251,24 @@ def resample_slabs(
     holds the whole resampled volume; for study 5 that saves 4.6 GB of device memory. Slabs
     may be views of internal buffers: copy what must outlive the next iteration.
     """
-    if not isinstance(volume, torch.Tensor):
-        raise TypeError(f"volume must be a torch.Tensor, got {type(volume).__name__}")
-    if volume.dim() != 3:
-        raise ValueError(f"volume must be 3-D (Z, Y, X), got shape {tuple(volume.shape)}")
-    if min(volume.shape) < 1:
-        raise ValueError(f"volume is empty: shape {tuple(volume.shape)}")
+    if isinstance(volume, torch.Tensor):
+        if volume.dim() != 3:
+            raise ValueError(f"volume must be 3-D (Z, Y, X), got shape {tuple(volume.shape)}")
+        source: PlaneSource = _FloatPlanes(volume)
+    elif hasattr(volume, "planes"):
+        source = volume
+    else:
+        raise TypeError(f"volume must be a torch.Tensor or a PlaneSource, got {type(volume).__name__}")
+    if min(source.shape) < 1:
+        raise ValueError(f"volume is empty: shape {tuple(source.shape)}")
     out_shape = _check_shape(out_shape)
     chunk = DEFAULT_CHUNK_VOXELS if chunk_voxels is None else int(chunk_voxels)
     if chunk < 1:
         raise ValueError(f"chunk_voxels must be positive, got {chunk_voxels}")
-    volume = volume.to(torch.float32).contiguous()
 
-    zi, yi, xi = volume.shape
+    zi, yi, xi = source.shape
     zo, yo, xo = out_shape
-    device = volume.device
+    device = source.device
     y_op = _axis_op(yi, yo, antialias, device, BLOCK_ROWS)
     x_op = _axis_op(xi, xo, antialias, device, BLOCK_ROWS)
     plane = max(yi * xi, yo * xo)
@@ -240,17 +281,19 @@ def resample_slabs(
     if z_op.identity:
         for o0 in range(0, zo, rows):
             with _full_fp32_matmul():
-                slab = _apply_yx(volume[o0 : o0 + rows], y_op, x_op)
+                slab = _apply_yx(source.planes(o0, min(o0 + rows, zo)), y_op, x_op)
             yield o0, slab
         return
     for o0, o1, c0, c1, weights in z_op.blocks:
         with _full_fp32_matmul():
+            band = source.planes(c0, c1)
             if yx_first:
-                planes = _apply_yx(volume[c0:c1], y_op, x_op)
+                planes = _apply_yx(band, y_op, x_op)
                 slab = torch.matmul(weights, planes.reshape(c1 - c0, -1)).view(o1 - o0, yo, xo)
             else:
-                mixed = torch.matmul(weights, volume[c0:c1].reshape(c1 - c0, -1)).view(o1 - o0, yi, xi)
+                mixed = torch.matmul(weights, band.reshape(c1 - c0, -1)).view(o1 - o0, yi, xi)
                 slab = _apply_yx(mixed, y_op, x_op)
+            del band
         yield o0, slab
 
 
