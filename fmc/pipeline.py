@@ -328,7 +328,8 @@ class FusionPipeline:
         )
 
     def _time_one_batch(self, source: StepTwoInputs) -> float:
-        """Seconds for one step-2 forward of a full batch of patches taken from the volume's corner."""
+        """Seconds to gather a full batch of patches (the volume's corner, its step-1 channel
+        upsampled as for every patch) and run one step-2 forward on it."""
         assert self.step2_model is not None
         tiling = self.config.tiling
         patch = (
@@ -336,18 +337,18 @@ class FusionPipeline:
             min(tiling.patch[1], source.shape[1]),
             min(tiling.patch[2], source.shape[2]),
         )
-        corner = source.patch((0, 0, 0), patch)
-        batch = corner.unsqueeze(0).expand(tiling.batch, *corner.shape).contiguous()
         forward = self._predictor(self.step2_model, tta=False)
-        cuda = batch.device.type == "cuda"
-        if cuda or self.config.kernels.compile is not None:
-            forward(batch)  # warm-up: allocator, cuDNN algorithm choice, compilation
+        cuda = source.device.type == "cuda"
+
+        def one_batch() -> None:
+            forward(torch.stack([source.patch((0, 0, 0), patch) for _ in range(tiling.batch)]))
             if cuda:
-                torch.cuda.synchronize(batch.device)
+                torch.cuda.synchronize(source.device)
+
+        if cuda or self.config.kernels.compile is not None:
+            one_batch()  # warm-up: allocator, cuDNN algorithm choice, compilation
         start = time.perf_counter()
-        forward(batch)
-        if cuda:
-            torch.cuda.synchronize(batch.device)
+        one_batch()
         return time.perf_counter() - start
 
     def _predictor(self, loaded: LoadedModel, tta: bool | None = None) -> Forward:
