@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fmc.planner import candidate_settings, count_patches, plan_step_two
+from fmc.planner import PREDICTION_MARGIN, candidate_settings, count_patches, plan_step_two
 from fmc.tiling import patch_starts
 
 SHAPE = (160, 150, 170)
@@ -42,7 +42,7 @@ def test_plenty_of_time_keeps_the_configured_quality():
 @pytest.mark.parametrize("overlap", [0.25, 0.125])
 def test_tighter_budget_lowers_the_overlap_first(overlap):
     batches = math.ceil(count_patches(SHAPE, PATCH, overlap) / 2)
-    needed = batches * 0.1 * 4 + 1.0  # flips cost 4 forwards, plus the reserve
+    needed = batches * 0.1 * 4 * PREDICTION_MARGIN + 1.0  # flips cost 4 forwards, plus the reserve
     plan = _plan(needed + 1e-6)
     assert (plan.run, plan.overlap, plan.tta) == (True, overlap, True)
     assert plan.predicted_seconds == pytest.approx(batches * 0.4)
@@ -50,8 +50,14 @@ def test_tighter_budget_lowers_the_overlap_first(overlap):
 
 def test_then_flips_are_dropped():
     batches = math.ceil(count_patches(SHAPE, PATCH, 0.5) / 2)
-    plan = _plan(batches * 0.1 + 1.0 + 1e-6)
+    plan = _plan(batches * 0.1 * PREDICTION_MARGIN + 1.0 + 1e-6)
     assert (plan.run, plan.overlap, plan.tta) == (True, 0.5, False)
+
+
+def test_a_setting_fits_only_with_its_margin():
+    batches = math.ceil(count_patches(SHAPE, PATCH, 0.5) / 2)
+    plan = _plan(batches * 0.1 * 4 + 1.0 + 1e-6)  # exactly the prediction: not enough
+    assert (plan.overlap, plan.tta) != (0.5, True)
 
 
 def test_no_time_left_falls_back_to_step_one_only():
