@@ -22,9 +22,10 @@ OVERLAP_LADDER = (0.5, 0.25, 0.125)
 TTA_FLIPS = 4  # identity + one flip per axis, see FusionPipeline._predictor
 DEFAULT_BUDGET_SECONDS = 600.0
 SAFETY_MARGIN_SECONDS = 60.0
-# A setting fits when its predicted time times this still fits: on CPU (study 4) the patch loop
-# ran 12-14% slower per batch than the timed batch (accumulation, memory growth). What still
-# runs late is caught by the deadline inside step 2 (fmc.tiling.Deadline).
+# A setting fits when its predicted time times this still fits: on CPU (study 4, three runs) the
+# patch loop ran 14-25% slower per batch than the timed batch. A larger margin would trade
+# overlap for fewer stand-ins; what still runs late is caught by the deadline inside step 2
+# (fmc.tiling.Deadline).
 PREDICTION_MARGIN = 1.15
 
 
