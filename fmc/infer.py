@@ -148,7 +148,6 @@ def _fuse_one(
             config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))
         pipelines[key] = FusionPipeline(models, config, device)
     pipeline = pipelines[key]
-    shape = case.volume.shape
     input_projection = _projection(case.volume) if options.preview else None
     # A writeable uint16 input takes the prediction in place: one volume on the host, not two.
     reuse = case.volume.dtype == np.uint16 and case.volume.flags.writeable
@@ -168,7 +167,7 @@ def _fuse_one(
     spacing = "x".join(f"{s:g}" for s in meta.spacing)
     steps = " ".join(f"{name}={seconds:.2f}s" for name, seconds in timings.items())
     summary = (
-        f"{path.name}: shape={'x'.join(map(str, shape))} spacing={spacing}um "
+        f"{path.name}: shape={'x'.join(map(str, case.volume.shape))} spacing={spacing}um "
         f"channel={meta.channel} study={meta.study} model={pipeline.describe()} device={device.type} "
         f"total={sum(timings.values()):.2f}s [{steps}]"
     )

@@ -28,6 +28,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fmc.upload import DeviceVolume
+
 log = logging.getLogger(__name__)
 
 Shape3 = tuple[int, int, int]
@@ -184,25 +186,6 @@ class PlaneSource(Protocol):
         ...
 
 
-class _FloatPlanes:
-    """A float32 tensor as a :class:`PlaneSource` (bands are views)."""
-
-    def __init__(self, volume: torch.Tensor) -> None:
-        self.volume = volume.to(torch.float32).contiguous()
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        z, y, x = self.volume.shape
-        return (int(z), int(y), int(x))
-
-    @property
-    def device(self) -> torch.device:
-        return self.volume.device
-
-    def planes(self, z0: int, z1: int) -> torch.Tensor:
-        return self.volume[z0:z1]
-
-
 def _check_shape(out_shape: Sequence[int]) -> Shape3:
     shape = tuple(int(n) for n in out_shape)
     if len(shape) != 3 or min(shape) < 1:
@@ -254,7 +237,7 @@ def resample_slabs(
     if isinstance(volume, torch.Tensor):
         if volume.dim() != 3:
             raise ValueError(f"volume must be 3-D (Z, Y, X), got shape {tuple(volume.shape)}")
-        source: PlaneSource = _FloatPlanes(volume)
+        source: PlaneSource = DeviceVolume(volume.to(torch.float32).contiguous(), unsigned16=False)
     elif hasattr(volume, "planes"):
         source = volume
     else:
