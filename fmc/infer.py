@@ -8,6 +8,7 @@ non-zero only at the end, so every good case still has its output.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -46,6 +47,41 @@ class InferenceOptions:
     patch: int | None = None  # None: the model card's training patch, else DEFAULT_PATCH
     budget_seconds: float | None = DEFAULT_BUDGET_SECONDS - SAFETY_MARGIN_SECONDS
     gpu_memory_gib: float | None = None
+
+
+SAFE_KERNELS = KernelOptions(precision="fp32", channels_last=False, cudnn_benchmark=False, compile=None)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One way to run a case: the kernels and the device. Later attempts trade speed for safety."""
+
+    kernels: KernelOptions
+    device: torch.device
+
+    def describe(self) -> str:
+        k = self.kernels
+        compiled = f" compile={k.compile}" if k.compile else ""
+        return f"{self.device.type} precision={k.precision} channels_last={k.channels_last}{compiled}"
+
+
+def fallback_attempts(kernels: KernelOptions, device: torch.device) -> list[Attempt]:
+    """The requested kernels first, then plain fp32 eager on the same device, then (from CUDA) the CPU.
+
+    The CUDA paths (fp16 weights, compile, cuDNN autotuning) are the fast ones and the least
+    proven on a given driver; a case must still get an output if one of them breaks. The CPU
+    is last because a sticky CUDA error (e.g. an illegal memory access) poisons the context.
+    """
+    attempts = [Attempt(kernels, device)]
+    if kernels != SAFE_KERNELS:
+        attempts.append(Attempt(SAFE_KERNELS, device))
+    if device.type != "cpu":
+        attempts.append(Attempt(SAFE_KERNELS, torch.device("cpu")))
+    return attempts
+
+
+class FusionFailedError(Exception):
+    """Every attempt at one case failed; carries the last failure's one-line reason."""
 
 
 @dataclass
@@ -103,7 +139,8 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
     device = select_device(options.device)
     cap_gpu_memory(device, options.gpu_memory_gib)
     log.info("%d case(s) in %s -> %s", len(cases), options.input, options.output)
-    pipelines: dict[tuple[str, int | None], FusionPipeline] = {}
+    pipelines: dict[tuple[str, int | None, Attempt], FusionPipeline] = {}
+    attempts = fallback_attempts(options.pipeline.kernels, device)
     results = []
     already_spent = process_age_seconds()
     for path in cases:
@@ -113,7 +150,10 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
             deadline = start + options.budget_seconds - already_spent
             already_spent = 0.0  # only the first case pays for process start-up
         try:
-            message = _fuse_one(path, options, device, pipelines, deadline)
+            message, worked = _fuse_with_fallbacks(path, options, attempts, pipelines, deadline)
+            if worked:  # later cases start with what worked, not with what broke
+                attempts = attempts[worked:]
+                log.warning("later cases run with %s", attempts[0].describe())
             results.append(CaseResult(path.name, True, message, time.perf_counter() - start))
         except (WeightsNotFoundError, WeightsError) as error:
             log.error("%s: no usable model: %s", path.name, error)
@@ -121,28 +161,68 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
         except CaseError as error:
             log.error("%s", error)
             results.append(CaseResult(path.name, False, error.reason))
-        except Exception as error:
-            log.exception("%s: failed while fusing: %s", path.name, error)
-            results.append(CaseResult(path.name, False, f"{type(error).__name__}: {error}"))
+        except FusionFailedError as error:
+            results.append(CaseResult(path.name, False, str(error)))
     return results
+
+
+def _fuse_with_fallbacks(
+    path: Path,
+    options: InferenceOptions,
+    attempts: list[Attempt],
+    pipelines: dict[tuple[str, int | None, Attempt], FusionPipeline],
+    deadline: float | None,
+) -> tuple[str, int]:
+    """Fuse one case, retrying unexpected failures with the next attempt; returns (summary, attempt index).
+
+    Bad input and missing weights are not retried: no setting fixes them. Each retry re-reads
+    the file, since a failed run may have written part of its prediction into the input array,
+    and shares the case's deadline, so the planner fits what is left of the budget.
+    """
+    reason = "no attempt was made"
+    for index, attempt in enumerate(attempts):
+        if index:
+            log.warning("%s: retrying with %s", path.name, attempt.describe())
+        try:
+            return _fuse_one(path, options, attempt, pipelines, deadline), index
+        except (WeightsNotFoundError, WeightsError, CaseError):
+            raise
+        except Exception as error:
+            log.exception("%s: failed while fusing (%s): %s", path.name, attempt.describe(), error)
+            reason = f"{type(error).__name__}: {error}"
+        for key in [key for key in pipelines if key[2] == attempt]:
+            del pipelines[key]  # later cases skip this attempt; its models need not stay loaded
+        _release_memory(attempt.device)  # outside the handler: the traceback no longer pins tensors
+    raise FusionFailedError(reason)
+
+
+def _release_memory(device: torch.device) -> None:
+    """Give a failed attempt's memory back before the next one; never raise (the context may be broken)."""
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except Exception as error:  # a sticky CUDA error: the CPU attempt does not need the context
+            log.warning("could not free CUDA memory after the failure: %s", error)
 
 
 def _fuse_one(
     path: Path,
     options: InferenceOptions,
-    device: torch.device,
-    pipelines: dict[tuple[str, int | None], FusionPipeline],
+    attempt: Attempt,
+    pipelines: dict[tuple[str, int | None, Attempt], FusionPipeline],
     deadline: float | None,
 ) -> str:
     """Read, fuse, write one case; returns its one-line summary (also logged)."""
+    device = attempt.device
     read_start = time.perf_counter()
     case = read_case(path)
     read_seconds = time.perf_counter() - read_start
     meta = case.meta
-    key = (meta.channel, meta.study)
+    key = (meta.channel, meta.study, attempt)
     if key not in pipelines:
         models: ModelSet = discover_models(options.weights, meta.channel, meta.study, device=device)
-        config = options.pipeline
+        config = replace(options.pipeline, kernels=attempt.kernels)
         if options.patch is None:  # the patch the model was trained and validated with
             edge = int(trained_settings(models).get("patch", DEFAULT_PATCH))
             config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))

@@ -13,9 +13,11 @@ import pytest
 import tifffile
 import torch
 
+from fmc import infer
 from fmc.acceleration import KernelOptions
-from fmc.infer import build_parser, main, options_from_args
+from fmc.infer import SAFE_KERNELS, Attempt, build_parser, fallback_attempts, main, options_from_args
 from fmc.io import read_case, write_volume
+from fmc.pipeline import FusionPipeline
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [
@@ -125,6 +127,7 @@ def test_bad_inputs_are_reported_by_name_and_good_ones_still_run(tmp_path, weigh
     for name, words in bad.items():
         assert any(name in m and words in m for m in errors), f"{name} not reported with {words!r}: {errors}"
     assert not any(r.exc_info for r in caplog.records if any(n in r.getMessage() for n in bad))
+    assert "retrying" not in caplog.text  # bad input is not a kernel fault: no setting would fix it
 
 
 def test_empty_input_folder_fails_clearly(tmp_path, weights, caplog):
@@ -189,6 +192,83 @@ def test_kernel_options_reach_the_log_line(tmp_path, weights, caplog):
             == 0
         )
     assert "bf16+channels_last" in caplog.text
+
+
+def test_fallbacks_go_from_the_requested_kernels_to_fp32_eager_then_to_the_cpu():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fast = KernelOptions(precision="fp16-weights", compile="default")
+    assert fallback_attempts(fast, cuda) == [
+        Attempt(fast, cuda),
+        Attempt(SAFE_KERNELS, cuda),
+        Attempt(SAFE_KERNELS, cpu),
+    ]
+    assert fallback_attempts(SAFE_KERNELS, cuda) == [Attempt(SAFE_KERNELS, cuda), Attempt(SAFE_KERNELS, cpu)]
+    assert fallback_attempts(KernelOptions(), cpu) == [
+        Attempt(KernelOptions(), cpu),
+        Attempt(SAFE_KERNELS, cpu),
+    ]
+    assert fallback_attempts(SAFE_KERNELS, cpu) == [Attempt(SAFE_KERNELS, cpu)]
+
+
+def _break_fast_kernels(monkeypatch) -> list[KernelOptions]:
+    """Make every pipeline not on SAFE_KERNELS scribble into its output array and then fail."""
+    calls: list[KernelOptions] = []
+    real_run = FusionPipeline.run
+
+    def run(self, volume, spacing, deadline=None, out=None):
+        calls.append(self.config.kernels)
+        if self.config.kernels != SAFE_KERNELS:
+            if out is not None:
+                out[...] = 12345  # a failure half way through the write-back
+            raise RuntimeError("CUDNN_STATUS_EXECUTION_FAILED (simulated)")
+        return real_run(self, volume, spacing, deadline=deadline, out=out)
+
+    monkeypatch.setattr(FusionPipeline, "run", run)
+    return calls
+
+
+def test_a_kernel_failure_is_retried_with_safe_kernels_and_later_cases_start_there(
+    tmp_path, weights, monkeypatch, caplog
+):
+    names = _write_good_cases(tmp_path / "in")
+    # The same settings on the safe kernels from the start: the retry must give exactly this.
+    assert _run(tmp_path / "in", tmp_path / "reference", weights, "--channels-last", "off") == 0
+    calls = _break_fast_kernels(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="fmc"):
+        assert _run(tmp_path / "in", tmp_path / "out", weights) == 0
+    # The first case tries the requested kernels, then the safe ones; the others go straight there.
+    assert calls == [KernelOptions(), SAFE_KERNELS, SAFE_KERNELS, SAFE_KERNELS]
+    assert caplog.text.count("retrying with cpu precision=fp32 channels_last=False") == 1
+    assert "CUDNN_STATUS_EXECUTION_FAILED" in caplog.text
+    assert "later cases run with cpu precision=fp32" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
+    for name in names:  # the retry re-read the input that the failed run scribbled on
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+
+
+def test_a_case_that_fails_every_attempt_is_reported_and_leaves_no_file(
+    tmp_path, weights, monkeypatch, caplog
+):
+    _write_good_cases(tmp_path / "in")
+
+    def run(self, volume, spacing, deadline=None, out=None):
+        raise RuntimeError("illegal memory access (simulated)")
+
+    monkeypatch.setattr(FusionPipeline, "run", run)
+    assert _run(tmp_path / "in", tmp_path / "out", weights) == 1
+    assert list((tmp_path / "out").iterdir()) == []
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FAILED")]
+    assert len(failed) == 3
+    assert all("RuntimeError: illegal memory access (simulated)" in m for m in failed)
+
+
+def test_freeing_memory_after_a_sticky_cuda_error_does_not_raise(monkeypatch, caplog):
+    def broken_empty_cache():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(infer.torch.cuda, "empty_cache", broken_empty_cache)
+    infer._release_memory(torch.device("cuda"))
+    assert "could not free CUDA memory" in caplog.text
 
 
 @pytest.mark.skipif(
