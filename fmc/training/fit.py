@@ -157,6 +157,8 @@ def resume_plan(config: FitConfig) -> dict[int, Path | None]:
     if config.resume == "last":
         for stage in plan:
             plan[stage] = find_checkpoint(config, stage, "last")
+            if plan[stage] is not None:
+                load_checkpoint(plan[stage])  # a clear error naming the file, never a pickle load
         return plan
     path = Path(config.resume)
     stage = int(load_checkpoint(path)["hyper_parameters"]["stage"])
@@ -166,6 +168,27 @@ def resume_plan(config: FitConfig) -> dict[int, Path | None]:
         plan.pop(earlier)  # finished before the checkpoint was written
     plan[stage] = path
     return plan
+
+
+def check_resume_matches(path: Path, module: FusionModule) -> None:
+    """Refuse to resume a checkpoint whose networks differ from what this run builds.
+
+    Why: Lightning would load the tensors into a network of another shape (an error deep in
+    load_state_dict) or, worse, of the same shape but another meaning (e.g. step 2's residual
+    channel), and train on silently.
+    """
+    saved = load_checkpoint(path)["hyper_parameters"]
+    for key in ("stage", "network", "step1_network"):
+        if saved.get(key) != module.hparams.get(key):
+            wanted, found = module.hparams.get(key), saved.get(key)
+            if isinstance(wanted, dict) and isinstance(found, dict):
+                names = sorted(n for n in wanted.keys() | found.keys() if wanted.get(n) != found.get(n))
+                detail = ", ".join(
+                    f"{n}: checkpoint {found.get(n)!r}, this run {wanted.get(n)!r}" for n in names
+                )
+            else:
+                detail = f"checkpoint {found!r}, this run {wanted!r}"
+            raise ValueError(f"{path}: cannot resume, its {key} differs from this run's ({detail})")
 
 
 def _barrier() -> None:
@@ -225,6 +248,8 @@ def run_stage(
         step1_dir=step1_dir,
         prepare_workers=prepare_workers,
     )
+    if resume_from is not None:
+        check_resume_matches(resume_from, module)
     trainer, checkpoint, throughput = build_trainer(config, stage)
     log.info(
         "stage %d: %s preset, %.2f M generator parameters, %s",
@@ -236,7 +261,12 @@ def run_stage(
     with warnings.catch_warnings():
         # The frozen step-1 network is in eval mode on purpose.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=str(resume_from) if resume_from else None,
+            weights_only=True,
+        )
     _barrier()
     best = checkpoint.best_model_path or str(find_checkpoint(config, stage, "best") or "")
     last = checkpoint.last_model_path or str(find_checkpoint(config, stage, "last") or "")

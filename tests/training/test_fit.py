@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -133,3 +134,46 @@ def test_joint_training_updates_both_networks(
         if key.startswith("step1_net.")
     ]
     assert changed and any(changed)  # step 1 started from the checkpoint and was trained further
+
+
+def test_resume_refuses_a_checkpoint_whose_network_differs(
+    fit_run: Path, sim_cache: Path, split_csv: Path, tmp_path: Path, capsys
+) -> None:
+    """A step-2 checkpoint from before the residual change (residual on the raw input) must not load."""
+    run = tmp_path / "copy"
+    shutil.copytree(fit_run, run)
+    ckpt = run / "step2/checkpoints/last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["network"]["residual_channel"] = 0
+    torch.save(checkpoint, ckpt)
+    before = ckpt.read_bytes()
+    args = tiny_fit_args(
+        run, sim_cache, "--split-csv", str(split_csv), "--resume", str(ckpt), "--max-steps", "3"
+    )
+    assert main(args) == 2
+    errors = capsys.readouterr().err  # the CLI installs its own log handler
+    assert "cannot resume, its network differs" in errors
+    assert "residual_channel: checkpoint 0, this run 1" in errors
+    assert ckpt.read_bytes() == before  # nothing trained, nothing overwritten
+
+
+def test_resume_last_refuses_a_pickled_checkpoint(
+    sim_cache: Path, split_csv: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    (run / "step1/checkpoints").mkdir(parents=True)
+    bad = run / "step1/checkpoints/last.ckpt"
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):  # unpickling this creates the marker file
+            return (Path.touch, (marker,))
+
+    bad.write_bytes(pickle.dumps({"state_dict": {}, "hyper_parameters": Payload()}))
+    args = tiny_fit_args(run, sim_cache, "--split-csv", str(split_csv), "--step", "1", "--resume", "last")
+    assert main(args) == 2
+    errors = capsys.readouterr().err  # the CLI installs its own log handler
+    assert "refusing pickle" in errors and str(bad) in errors
+    assert not marker.exists()
+    pickle.loads(bad.read_bytes())  # the payload is live: a pickle load would have run it
+    assert marker.exists()
