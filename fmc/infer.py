@@ -103,7 +103,13 @@ def select_device(requested: str) -> torch.device:
         return torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda")
-        log.info("device: cuda (%s)", torch.cuda.get_device_name(device))
+        try:  # start the context now: a driver that cannot run fails here, not in the middle of a case
+            name = torch.cuda.get_device_name(device)
+            torch.ones(1, device=device).add_(1).cpu()
+        except Exception as error:
+            log.warning("device: CUDA is present but unusable (%s); running on CPU (much slower)", error)
+            return torch.device("cpu")
+        log.info("device: cuda (%s)", name)
         return device
     log.warning("device: CUDA is not available, running on CPU (this is much slower)")
     return torch.device("cpu")
