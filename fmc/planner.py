@@ -74,16 +74,18 @@ def plan_step_two(
         predicted = batches * seconds_per_batch * (TTA_FLIPS if flip else 1)
         if predicted * PREDICTION_MARGIN <= available:
             reason = (
-                f"predicted {predicted:.1f}s for step 2 (+{PREDICTION_MARGIN - 1:.0%}) fits the "
-                f"{available:.1f}s left ({batches} batches x {seconds_per_batch:.3f}s"
-                f"{' x 4 flips' if flip else ''})"
+                f"predicted {predicted:.1f}s for step 2 ({predicted * PREDICTION_MARGIN:.1f}s with the "
+                f"{PREDICTION_MARGIN - 1:.0%} margin) fits the {available:.1f}s left ({batches} batches x "
+                f"{seconds_per_batch:.3f}s{' x 4 flips' if flip else ''})"
             )
             return StepTwoPlan(True, candidate_overlap, flip, predicted, reason)
         log.info(
-            "planner: overlap %.3f%s would take %.1fs (+%.0f%%) > %.1fs available, trying cheaper",
+            "planner: overlap %.3f%s would take %.1fs, %.1fs with the %.0f%% margin > %.1fs available, "
+            "trying cheaper",
             candidate_overlap,
             " with flips" if flip else "",
             predicted,
+            predicted * PREDICTION_MARGIN,
             100 * (PREDICTION_MARGIN - 1),
             available,
         )

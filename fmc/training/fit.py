@@ -233,6 +233,8 @@ def run_stage(
         step1_state, step1_config = step1_from_checkpoint(source)
         log.info("stage 2: step-1 network from %s", source)
     module = FusionModule(config.to_dict(), stage, step1_config)
+    if resume_from is not None:
+        check_resume_matches(resume_from, module)
     step1_dir = None
     if module.step1_net is not None and step1_state is not None:
         module.step1_net.load_state_dict(step1_state)
@@ -248,8 +250,6 @@ def run_stage(
         step1_dir=step1_dir,
         prepare_workers=prepare_workers,
     )
-    if resume_from is not None:
-        check_resume_matches(resume_from, module)
     trainer, checkpoint, throughput = build_trainer(config, stage)
     log.info(
         "stage %d: %s preset, %.2f M generator parameters, %s",
