@@ -16,6 +16,15 @@ bundled sample case and the default weights all need image pairs. So we simulate
   attenuated along z from the detection side, an extra anisotropic blur (axial worse) that grows
   with depth (a blend of a few precomputed blur levels), scattering haze (a wide blur of the
   emission), then camera noise: Poisson photons, Gaussian read noise and an offset.
+* **lightsheet effects real views show** (off in :class:`SimulationParams`' defaults, drawn by
+  :func:`random_params`): the sheet is a focused Gaussian beam, thinnest at its waist and
+  thicker towards the far side of the field (more axial blur away from the waist); the sheet's
+  height profile dims the field across the other lateral axis; and the lit field is uneven
+  (a smooth multiplicative field: lamp, objective vignetting, refractive lensing).
+
+This is the *training* family of forward models. :mod:`fmc.simulate_heldout` is a second family,
+written separately with other physics, that is never trained on: it scores models and picks
+checkpoints, so a model cannot win by learning this simulator's quirks.
 
 Both volumes share one grid (shape and spacing) and are uint16. Everything is drawn from a seeded
 :class:`numpy.random.Generator`: the same parameters and seed give the same bytes.
@@ -115,6 +124,12 @@ class SimulationParams:
     blur_levels: int = 4
     haze_fraction: float = 0.2
     haze_sigma_um: float = 8.0
+    # angle input: the light sheet as a Gaussian beam and an uneven lit field (0 = off)
+    sheet_growth: float = 0.0  # extra depth t at the field's edge from the beam's divergence
+    sheet_waist: float = 0.5  # waist position along the illumination axis, fraction from the lit side
+    beam_height_fraction: float = 0.0  # 1/e^2 half-height of the sheet / half the other lateral FOV
+    uneven_illumination: float = 0.0  # log-amplitude of the smooth multiplicative illumination field
+    uneven_scale_um: float = 30.0  # correlation length of that field
 
     # cameras (ADU = offset + gain * photons + read noise)
     photons: float = 300.0  # photons per unit signal at the surface
@@ -463,6 +478,50 @@ def _depth_blur(volume: np.ndarray, depth: np.ndarray, params: SimulationParams)
     return out
 
 
+def _axis_fraction(params: SimulationParams, axis: int, from_end: bool) -> np.ndarray:
+    """Voxel position along ``axis`` as a fraction of the field, 0 at the entrance side; broadcastable."""
+    n = params.shape[axis]
+    u = (np.arange(n, dtype=np.float32) + 0.5) / np.float32(n)
+    if from_end:
+        u = u[::-1].copy()
+    view = [1, 1, 1]
+    view[axis] = n
+    return u.reshape(view)
+
+
+def _sheet_divergence(params: SimulationParams) -> np.ndarray | float:
+    """Extra blur depth from a Gaussian-beam sheet: w(u)^2 = w0^2 (1 + ((u - waist) / z_R)^2), so the
+    axial blur variance grows quadratically away from the waist along the illumination axis."""
+    if params.sheet_growth <= 0:
+        return 0.0
+    u = _axis_fraction(params, params.illumination_axis, params.illumination_from_end)
+    off = (u - np.float32(params.sheet_waist)) / np.float32(max(params.sheet_waist, 1 - params.sheet_waist))
+    return np.float32(params.sheet_growth) * off * off
+
+
+def _illumination_profile(params: SimulationParams, rng: np.random.Generator) -> np.ndarray | float:
+    """Multiplicative lit-field profile: the sheet's Gaussian height profile across the other lateral
+    axis times a smooth log-normal field (uneven illumination). 1.0 when both are off.
+
+    The random field is drawn only when it is on, so pairs without it keep their bytes.
+    """
+    profile: np.ndarray | float = 1.0
+    if params.beam_height_fraction > 0:
+        other = 1 if params.illumination_axis == 2 else 2
+        v = _axis_fraction(params, other, False) * 2.0 - 1.0
+        profile = np.exp(-2.0 * (v / np.float32(params.beam_height_fraction)) ** 2)
+    if params.uneven_illumination > 0:
+        coarse = tuple(max(2, int(math.ceil(n * s / params.uneven_scale_um)) + 1) for n, s in
+                       zip(params.shape, params.spacing, strict=True))
+        field = rng.standard_normal(coarse).astype(np.float32)
+        zoom = [n / c for n, c in zip(params.shape, coarse, strict=True)]
+        smooth = ndimage.zoom(field, zoom, order=3, mode="nearest", grid_mode=True)
+        smooth = smooth[: params.shape[0], : params.shape[1], : params.shape[2]]
+        smooth /= max(float(smooth.std()), 1e-6)
+        profile = profile * np.exp(np.float32(params.uneven_illumination) * smooth)
+    return profile
+
+
 def _to_uint16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 65535).astype(np.uint16)
 
@@ -505,7 +564,8 @@ def simulate_pair(params: SimulationParams, seed: int) -> tuple[np.ndarray, np.n
     depth = w * det_path / np.float32(2 * spec.radii[0]) + (1 - w) * ill_path / np.float32(
         2 * spec.radii[ill_axis]
     )
-    depth = np.clip(depth, 0.0, 1.0).astype(np.float32)
+    depth = np.clip(depth + _sheet_divergence(params), 0.0, 1.0).astype(np.float32)
+    emission *= _illumination_profile(params, rng)
 
     signal = _depth_blur(emission, depth, params)
     if params.haze_fraction > 0:
@@ -527,19 +587,22 @@ def simulate_pair(params: SimulationParams, seed: int) -> tuple[np.ndarray, np.n
 def random_params(rng: np.random.Generator, channel: str, shape: Shape3 = (64, 256, 256)) -> SimulationParams:
     """Draw parameters for training (domain randomization) on a fixed output ``shape``.
 
-    Three in four pairs take a real study's spacing (membrane: studies 1 and 3 only) and record that
-    study; the rest take a random spacing (z 1-3 um, xy 0.195-0.39 um) and no study.
+    Three in five pairs take a real study's spacing (membrane: studies 1 and 3 only) and record that
+    study; the rest take a random spacing (z 1-3.5 um, xy 0.195-0.4 um) and no study. The ranges
+    are wide on purpose: low photon counts (25 photons per unit signal), strong depth blur (up to
+    6 um axial), transmissions down to 8%, coarse z steps (study 4 has 3 um planes), uneven
+    illumination and a diverging sheet.
     """
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
     studies = MEMBRANE_STUDIES if channel == "membrane" else tuple(STUDY_SPACINGS)
-    if rng.random() < 0.75:
+    if rng.random() < 0.6:
         study: int | None = int(rng.choice(studies))
         spacing = STUDY_SPACINGS[study]
     else:
         study = None
-        dxy = float(rng.uniform(0.195, 0.39))
-        spacing = (float(rng.uniform(1.0, 3.0)), dxy, dxy)
+        dxy = float(rng.uniform(0.195, 0.4))
+        spacing = (float(rng.uniform(1.0, 3.5)), dxy, dxy)
     p = SimulationParams(
         shape=tuple(int(s) for s in shape),
         spacing=spacing,
@@ -556,10 +619,10 @@ def random_params(rng: np.random.Generator, channel: str, shape: Shape3 = (64, 2
     ill_axis = int(rng.choice([2, 1]))
     ax_surface = float(rng.uniform(0.8, 2.0))
     lat_surface = float(rng.uniform(0.0, 0.15))
-    ax_deep = ax_surface + float(rng.uniform(0.8, 2.5))
-    lat_deep = lat_surface + float(rng.uniform(0.25, 0.9))
-    transmission_det = float(rng.uniform(0.12, 0.7))
-    transmission_ill = float(rng.uniform(0.15, 0.8))
+    ax_deep = ax_surface + float(rng.uniform(0.8, 4.0))
+    lat_deep = lat_surface + float(rng.uniform(0.25, 1.2))
+    transmission_det = float(np.exp(rng.uniform(math.log(0.08), math.log(0.7))))
+    transmission_ill = float(np.exp(rng.uniform(math.log(0.1), math.log(0.8))))
     return dataclasses.replace(
         p,
         cell_spacing_um=max(cell, 2.0),
@@ -587,11 +650,16 @@ def random_params(rng: np.random.Generator, channel: str, shape: Shape3 = (64, 2
         depth_weight_detection=float(rng.uniform(0.5, 0.9)),
         blur_surface_um=(ax_surface, lat_surface, lat_surface),
         blur_deep_um=(ax_deep, lat_deep, lat_deep),
-        haze_fraction=float(rng.uniform(0.05, 0.4)),
+        haze_fraction=float(rng.uniform(0.05, 0.5)),
         haze_sigma_um=float(rng.uniform(4.0, 14.0)),
-        photons=float(np.exp(rng.uniform(math.log(40), math.log(1000)))),
+        sheet_growth=float(rng.uniform(0.0, 0.6)),
+        sheet_waist=float(rng.uniform(0.2, 0.8)),
+        beam_height_fraction=float(rng.uniform(0.8, 2.5)) if rng.random() < 0.5 else 0.0,
+        uneven_illumination=float(rng.uniform(0.0, 0.35)),
+        uneven_scale_um=float(rng.uniform(15.0, 60.0)),
+        photons=float(np.exp(rng.uniform(math.log(25), math.log(2000)))),
         gain=float(rng.uniform(0.8, 2.0)),
-        read_noise=float(rng.uniform(1.0, 6.0)),
+        read_noise=float(rng.uniform(1.0, 10.0)),
         offset=float(rng.choice([90.0, 100.0, 100.0, 110.0])),
         ambient_photons=float(rng.uniform(0.0, 5.0)),
         fused_photons=float(np.exp(rng.uniform(math.log(2000), math.log(20000)))),

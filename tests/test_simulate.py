@@ -97,7 +97,7 @@ def test_random_params_seeded_and_plausible():
     assert len({p.spacing for p in seen}) > 3
     for p in seen:
         assert p.shape == SMALL and p.channel == "membrane"
-        assert 1.0 <= p.spacing[0] <= 3.0 and 0.195 <= p.spacing[1] == p.spacing[2] <= 0.39
+        assert 1.0 <= p.spacing[0] <= 3.5 and 0.195 <= p.spacing[1] == p.spacing[2] <= 0.4
         assert all(d >= s for d, s in zip(p.blur_deep_um, p.blur_surface_um, strict=True))
     with pytest.raises(ValueError, match="channel"):
         random_params(np.random.default_rng(0), "actin", SMALL)
@@ -255,3 +255,31 @@ def test_cli_writes_pairs(tmp_path, capsys):
         main(["--help"])
     assert exc.value.code == 0
     assert "--channel" in capsys.readouterr().out
+
+
+def test_sheet_divergence_blurs_away_from_the_waist():
+    """A diverging sheet (waist at the lit side) blurs the far side of the field more than the near one."""
+    base = SimulationParams(shape=(24, 64, 64), spacing=(1.0, 0.39, 0.39), haze_fraction=0.0,
+                            attenuation_illumination_per_um=0.0, attenuation_detection_per_um=0.0,
+                            photons=1e5, read_noise=0.0, ambient_photons=0.0)
+    sharp = simulate_pair(base, 4)[0].astype(np.float64)
+    wide = simulate_pair(dataclasses.replace(base, sheet_growth=1.0, sheet_waist=0.0), 4)[0].astype(np.float64)
+
+    def axial_energy(v: np.ndarray) -> float:
+        return float(np.abs(np.diff(v, axis=0)).mean())
+
+    near, far = slice(0, 16), slice(48, 64)  # along x, the illumination axis, lit from x = 0
+    assert axial_energy(wide[..., far]) < 0.9 * axial_energy(sharp[..., far])
+    assert axial_energy(wide[..., near]) > 0.9 * axial_energy(sharp[..., near])
+
+
+def test_uneven_illumination_and_beam_height_dim_the_field():
+    base = SimulationParams(shape=(16, 64, 64), spacing=(1.0, 0.39, 0.39), photons=1e5)
+    flat = simulate_pair(base, 5)[0].astype(np.float64)
+    tall = simulate_pair(dataclasses.replace(base, beam_height_fraction=0.6), 5)[0].astype(np.float64)
+    # the sheet is lit along x: its height profile dims the y edges, not the centre
+    edge = (tall[:, :8].mean() - 100) / (flat[:, :8].mean() - 100)
+    centre = (tall[:, 28:36].mean() - 100) / (flat[:, 28:36].mean() - 100)
+    assert edge < 0.5 * centre
+    uneven = simulate_pair(dataclasses.replace(base, uneven_illumination=0.5), 5)[0]
+    assert not np.array_equal(uneven, simulate_pair(base, 5)[0])
