@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -21,11 +22,29 @@ import numpy as np
 import torch
 
 from fmc.acceleration import COMPILE_MODES, PRECISIONS, KernelOptions
-from fmc.io import CaseError, list_cases, read_case, write_prediction
+from fmc.io import (
+    CaseError,
+    OutputError,
+    atomic_write,
+    check_output_target,
+    check_writable_folder,
+    fit_uint16_range,
+    list_cases,
+    read_case,
+    remove_stale_partials,
+    write_prediction,
+)
 from fmc.pipeline import FusionPipeline, PipelineConfig, trained_settings
 from fmc.planner import DEFAULT_BUDGET_SECONDS, SAFETY_MARGIN_SECONDS
 from fmc.tiling import TilingConfig
-from fmc.weights import ModelSet, WeightsError, WeightsNotFoundError, discover_models
+from fmc.weights import (
+    CARD_SUFFIX,
+    WEIGHTS_SUFFIX,
+    ModelSet,
+    WeightsError,
+    WeightsNotFoundError,
+    discover_models,
+)
 
 log = logging.getLogger("fmc")
 
@@ -84,6 +103,69 @@ class FusionFailedError(Exception):
     """Every attempt at one case failed; carries the last failure's one-line reason."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM (``docker stop``) or SIGINT: a BaseException, so no retry handler swallows it on its way out.
+
+    On its way it passes :func:`fmc.io.atomic_write`, which removes the hidden temporary.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` (main thread only; elsewhere a no-op)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, _raise_interrupted)
+        except ValueError:  # not the main thread (an embedding program): leave its handlers alone
+            return
+
+
+MODEL_SUBFOLDERS = ("any", "nucleus", "membrane")
+
+
+def _has_model(folder: Path) -> bool:
+    return any(
+        (folder / f"{step}{WEIGHTS_SUFFIX}").is_file() and (folder / f"{step}{CARD_SUFFIX}").is_file()
+        for step in ("step1", "step2")
+    )
+
+
+def explicit_weights_problem(root: Path) -> str | None:
+    """Why an explicit ``--weights`` folder holds no usable model (saying what is there), or None.
+
+    Why: discovery would otherwise fall through to /opt/ml/model or the baked-in weights, and a
+    user who named a folder would get another model without noticing.
+    """
+    if not root.is_dir():
+        return None  # discover_models says "no such folder" / "not a folder"
+    folders = [root]
+    for sub in MODEL_SUBFOLDERS:
+        folders.append(root / sub)
+        if (root / sub).is_dir():
+            folders.extend(sorted((root / sub).glob("study_*")))
+    if any(_has_model(folder) for folder in folders if folder.is_dir()):
+        return None
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as error:
+        return f"--weights {root}: cannot list the folder ({error.strerror or error})"
+    shown = [entry.name + ("/" if entry.is_dir() else "") for entry in entries[:10]]
+    found = ", ".join(shown) + (f" and {len(entries) - 10} more" if len(entries) > 10 else "")
+    return (
+        f"--weights {root}: no usable model there (found: {found or 'nothing, the folder is empty'}); "
+        f"expected step1{WEIGHTS_SUFFIX} + step1{CARD_SUFFIX} and/or step2{WEIGHTS_SUFFIX} + "
+        f"step2{CARD_SUFFIX}, directly or in any/, nucleus/ or membrane/ (optionally study_<N>/), "
+        "as train.py export writes them"
+    )
+
+
 @dataclass
 class CaseResult:
     """What happened to one input file."""
@@ -137,11 +219,31 @@ def cap_gpu_memory(device: torch.device, gib: float | None) -> None:
 
 def run_inference(options: InferenceOptions) -> list[CaseResult]:
     """Fuse every case of ``options.input`` into ``options.output``; returns one result per input file."""
-    cases = list_cases(options.input) if options.input.is_dir() else []
+    cases = list_cases(options.input, include_unreadable=True) if options.input.is_dir() else []
     if not cases:
         log.error("no .tif/.tiff files in %s: nothing to fuse", options.input)
         return []
-    options.output.mkdir(parents=True, exist_ok=True)
+    targets = [p.name for p in cases if "_fused" in p.stem]
+    if targets:
+        log.warning(
+            "%d input(s) named *_fused* (%s%s): those look like ground truth (e.g. an fmc.simulate "
+            "folder), not single views; they are fused too",
+            len(targets),
+            ", ".join(targets[:3]),
+            ", ..." if len(targets) > 3 else "",
+        )
+    # Fail before any fusing: a folder that cannot take the outputs, or a named model folder without one.
+    problem = None
+    try:
+        check_writable_folder(options.output)
+    except OutputError as error:
+        problem = str(error)
+    if problem is None and options.weights is not None:
+        problem = explicit_weights_problem(Path(options.weights))
+    if problem is not None:
+        log.error("%s", problem)
+        return [CaseResult(path.name, False, problem) for path in cases]
+    remove_stale_partials(options.output)
     device = select_device(options.device)
     cap_gpu_memory(device, options.gpu_memory_gib)
     log.info("%d case(s) in %s -> %s", len(cases), options.input, options.output)
@@ -167,6 +269,9 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
         except CaseError as error:
             log.error("%s", error)
             results.append(CaseResult(path.name, False, error.reason))
+        except OutputError as error:
+            log.error("%s", error)
+            results.append(CaseResult(path.name, False, str(error)))
         except FusionFailedError as error:
             results.append(CaseResult(path.name, False, str(error)))
     return results
@@ -181,7 +286,8 @@ def _fuse_with_fallbacks(
 ) -> tuple[str, int]:
     """Fuse one case, retrying unexpected failures with the next attempt; returns (summary, attempt index).
 
-    Bad input and missing weights are not retried: no setting fixes them. Each retry re-reads
+    Bad input, missing weights and an output that cannot be written are not retried: no setting
+    fixes them. Each retry re-reads
     the file, since a failed run may have written part of its prediction into the input array,
     and shares the case's deadline, so the planner fits what is left of the budget.
     """
@@ -191,7 +297,7 @@ def _fuse_with_fallbacks(
             log.warning("%s: retrying with %s", path.name, attempt.describe())
         try:
             return _fuse_one(path, options, attempt, pipelines, deadline), index
-        except (WeightsNotFoundError, WeightsError, CaseError):
+        except (WeightsNotFoundError, WeightsError, CaseError, OutputError):
             raise
         except Exception as error:
             log.exception("%s: failed while fusing (%s): %s", path.name, attempt.describe(), error)
@@ -221,13 +327,17 @@ def _fuse_one(
 ) -> str:
     """Read, fuse, write one case; returns its one-line summary (also logged)."""
     device = attempt.device
+    target = options.output / path.name
+    check_output_target(target)  # before minutes of fusing, not after
     read_start = time.perf_counter()
     case = read_case(path)
+    fit_uint16_range(case)  # negatives / values above 65535 survive the uint16 output
     read_seconds = time.perf_counter() - read_start
     meta = case.meta
     key = (meta.channel, meta.study, attempt)
     if key not in pipelines:
         models: ModelSet = discover_models(options.weights, meta.channel, meta.study, device=device)
+        _check_explicit_choice(options.weights, models, meta.channel, meta.study)
         config = replace(options.pipeline, kernels=attempt.kernels)
         if options.patch is None:  # the patch the model was trained and validated with
             edge = int(trained_settings(models).get("patch", DEFAULT_PATCH))
@@ -241,7 +351,6 @@ def _fuse_one(
         case.volume, meta.spacing, deadline=deadline, out=case.volume if reuse else None
     )
     write_start = time.perf_counter()
-    target = options.output / path.name
     write_prediction(target, fused, meta)
     timings = {
         "read": round(read_seconds, 3),
@@ -249,7 +358,7 @@ def _fuse_one(
         "write": round(time.perf_counter() - write_start, 3),
     }
     if input_projection is not None:
-        _write_preview(options.output / f"{path.stem}_preview.png", input_projection, fused)
+        _write_preview(options.output / f"{path.stem}_preview.png", input_projection, fused, meta.spacing)
     spacing = "x".join(f"{s:g}" for s in meta.spacing)
     steps = " ".join(f"{name}={seconds:.2f}s" for name, seconds in timings.items())
     summary = (
@@ -265,19 +374,84 @@ def _fuse_one(
     return summary
 
 
-def _projection(volume: np.ndarray) -> np.ndarray:
-    """Maximum-intensity projection along z, contrast-stretched to uint8 (2nd-99.8th percentile)."""
-    projection = volume.max(axis=0).astype(np.float32)
+def _check_explicit_choice(explicit: Path | None, models: ModelSet, channel: str, study: int | None) -> None:
+    """A model found outside an explicit ``--weights`` folder is an error, not a silent fallback."""
+    if explicit is None or models.folder is None:
+        return
+    root = Path(explicit).expanduser().resolve()
+    if not Path(models.folder).resolve().is_relative_to(root):
+        raise WeightsNotFoundError(
+            f"--weights {explicit}: no model for channel {channel!r}"
+            + (f" (study {study})" if study is not None else "")
+            + f" there (add {channel}/ or any/); the search would have fallen back to {models.folder}"
+        )
+
+
+def _u8(projection: np.ndarray) -> np.ndarray:
+    """Contrast-stretched to uint8 (2nd-99.8th percentile), as the metric normalizes volumes."""
+    projection = projection.astype(np.float32)
     low, high = np.percentile(projection, (2, 99.8))
     scaled = np.clip((projection - low) / (high - low if high > low else 1.0), 0, 1)
     return (scaled * 255).astype(np.uint8)
 
 
-def _write_preview(path: Path, input_projection: np.ndarray, fused: np.ndarray) -> None:
-    """Maximum-intensity projections (input | output) so a person can eyeball the result."""
+def _projection(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maximum-intensity projections: XY (along z) and XZ (along y, where depth blur shows), uint8."""
+    return _u8(volume.max(axis=0)), _u8(volume.max(axis=1))
+
+
+def preview_image(
+    input_projection: tuple[np.ndarray, np.ndarray],
+    fused: np.ndarray,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """One labelled uint8 image: columns "input" and "fused", rows the XY and the XZ projection.
+
+    The XZ rows are stretched to the physical z/x aspect, so a coarse z step does not squash them.
+    """
+    from PIL import Image, ImageDraw
+
+    fused_projection = _projection(fused)
+    z_um, _, x_um = spacing
+    aspect = z_um / x_um if x_um > 0 and z_um > 0 else 1.0
+    rows = []
+    for row, (name, stretch) in enumerate((("XY (max over z)", 1.0), ("XZ (max over y)", aspect))):
+        panels = []
+        for label, projections in (("input", input_projection), ("fused", fused_projection)):
+            panel = Image.fromarray(projections[row])
+            height = max(1, min(4096, round(panel.height * stretch)))
+            panel = panel.resize((panel.width, height), Image.NEAREST) if height != panel.height else panel
+            canvas = Image.new("L", (panel.width, panel.height + 14), 0)
+            canvas.paste(panel, (0, 14))
+            ImageDraw.Draw(canvas).text((3, 1), f"{label} | {name}", fill=255)
+            panels.append(np.asarray(canvas))
+        gap = np.full((panels[0].shape[0], 4), 128, dtype=np.uint8)
+        rows.append(np.concatenate([panels[0], gap, panels[1]], axis=1))
+    gap = np.full((4, rows[0].shape[1]), 128, dtype=np.uint8)
+    return np.concatenate([rows[0], gap, rows[1]], axis=0)
+
+
+def _write_preview(
+    path: Path,
+    input_projection: tuple[np.ndarray, np.ndarray],
+    fused: np.ndarray,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> None:
+    """Labelled input | fused projections (XY and XZ) so a person can eyeball the result."""
     from PIL import Image
 
-    Image.fromarray(np.concatenate([input_projection, _projection(fused)], axis=1)).save(path)
+    image = Image.fromarray(preview_image(input_projection, fused, spacing))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where the help does not already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
             "uint16 BigTIFF of the same shape and metadata to --output. Exit code 0 only if "
             "every input produced an output."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--input", type=Path, default=PLATFORM_INPUT, help="folder of input TIFFs")
     parser.add_argument("--output", type=Path, default=PLATFORM_OUTPUT, help="folder for the fused TIFFs")
@@ -357,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-gib", type=float, default=None, help="cap this process's GPU memory (e.g. 15 for a T4)"
     )
     parser.add_argument(
-        "--preview", action="store_true", help="also write <name>_preview.png (input | output MIPs)"
+        "--preview",
+        action="store_true",
+        help="also write <name>_preview.png: input | fused maximum projections, XY and XZ, labelled",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level"
@@ -420,7 +596,19 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     options = options_from_args(args)
     start = time.perf_counter()
-    results = run_inference(options)
+    install_signal_handlers()
+    try:
+        results = run_inference(options)
+    except Interrupted as stop:
+        log.error(
+            "stopped by %s after %.1fs: the output being written was removed, finished outputs in %s are "
+            "complete; exit code %d",
+            stop,
+            time.perf_counter() - start,
+            options.output,
+            128 + stop.signum,
+        )
+        return 128 + stop.signum
     failed = [r for r in results if not r.ok]
     log.info(
         "done: %d/%d case(s) fused in %.1fs",

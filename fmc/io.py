@@ -91,6 +91,7 @@ class CaseMetadata:
     raw: dict
     sources: dict[str, str]
     dtype: str
+    extra: dict[str, Any] = field(default_factory=dict)  # keys fmc adds to the output (intensity map)
 
 
 @dataclass
@@ -350,6 +351,7 @@ class _SpacingResult:
     sources: dict[str, str]
     problems: list[str]
     notes: list[str]
+    reason: str = ""  # why the spacing is invalid, when one value says it all
 
 
 def _first_unit(sources: list[_Source], names: tuple[str, ...]) -> tuple[str, str] | None:
@@ -399,20 +401,29 @@ def _axis_candidates(source: _Source, axis: str) -> Iterator[tuple[Any, str]]:
             yield value, key  # ImageJ: ``spacing`` is the z step
 
 
-def _find_axis(sources: list[_Source], axis: str, problems: list[str]) -> _Axis | None:
+def _find_axis(
+    sources: list[_Source], axis: str, problems: list[str], rejected: list[str] | None = None
+) -> _Axis | None:
+    """The first valid spacing along ``axis``; what was present but unusable goes to ``rejected``."""
+    rejected = [] if rejected is None else rejected
     for source in sources:
         for value, key in _axis_candidates(source, axis):
             number, inline_unit = _number(value)
             where = f"{source.name}:{key}"
             if number is None:
                 problems.append(f"{where}={value!r} is not a number")
+                rejected.append(f"{key}={value!r} is not a number ({source.name} metadata)")
                 continue
+            shown = str(value).strip()
             unit, unit_where = (inline_unit, where) if inline_unit else _source_unit(source, axis)
             um = _to_um(number, unit, problems, where)
             if um is None:
+                rejected.append(f"{key}={shown} is in uncalibrated unit {unit!r} ({source.name} metadata)")
                 continue
             if not _plausible(um):
                 problems.append(f"{where}={value!r}{' ' + unit if unit else ''} is not a valid spacing")
+                in_unit = f", unit {unit}" if unit else ""
+                rejected.append(f"{key}={shown} is not a valid spacing ({source.name} metadata{in_unit})")
                 continue
             unit_note = f" {unit} [{unit_where}]" if unit else " (no unit: um assumed)"
             return _Axis(um, f"{where}={number:g}{unit_note}")
@@ -486,7 +497,8 @@ def _resolve_spacing(sources: list[_Source], page: tifffile.TiffPage) -> _Spacin
     notes: list[str] = []
     x = _find_axis(sources, "x", problems)
     y = _find_axis(sources, "y", problems)
-    z = _find_axis(sources, "z", problems)
+    z_rejected: list[str] = []
+    z = _find_axis(sources, "z", problems, z_rejected)
     if x is None or y is None:
         xy = _resolution_xy(page, sources, problems)
         if xy is not None:
@@ -502,6 +514,19 @@ def _resolve_spacing(sources: list[_Source], page: tifffile.TiffPage) -> _Spacin
         where = "default (no valid X/Y spacing)"
         return _SpacingResult(
             default, False, dict.fromkeys(("spacing_x", "spacing_y", "spacing_z"), where), problems, notes
+        )
+    if z is None and z_rejected:
+        # A Z value that is there but wrong is not "missing": inventing one would resample the
+        # volume by a guess and write the guess back as if it were real (README contract).
+        default = (TARGET_SPACING_UM,) * 3
+        where = f"default ({z_rejected[0]})"
+        return _SpacingResult(
+            default,
+            False,
+            dict.fromkeys(("spacing_x", "spacing_y", "spacing_z"), where),
+            [z_rejected[0], *(p for p in problems if p != z_rejected[0])],
+            notes,
+            reason=z_rejected[0],
         )
     if z is None:
         imagej = next((s for s in sources if s.name == "imagej"), None)
@@ -624,6 +649,8 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 def _check_header(path: Path) -> int:
     """File size; raises CaseError for missing, empty, non-TIFF or cut-off headers."""
+    if path.is_symlink() and not path.exists():
+        raise CaseError(path, f"broken symbolic link (its target {os.readlink(path)} does not exist)")
     try:
         size = path.stat().st_size
         if path.is_dir():
@@ -838,7 +865,15 @@ def read_case(path: Path) -> Case:
     study, study_source = _resolve_study(sources, path)
     for problem in spacing.problems:
         log.debug("%s: spacing: %s", name, problem)
-    if not spacing.valid:
+    if spacing.reason:
+        log.warning(
+            "%s: %s: treated as already isotropic at %g um, no resampling; "
+            "the output keeps the input's spacing metadata",
+            name,
+            spacing.reason,
+            TARGET_SPACING_UM,
+        )
+    elif not spacing.valid:
         detail = "; ".join(spacing.problems) if spacing.problems else "no spacing in the metadata"
         log.warning(
             "%s: missing or invalid voxel spacing (%s): treated as already isotropic at %g um, no resampling",
@@ -890,11 +925,13 @@ def _spacing_summary(result: _SpacingResult) -> str:
     return "+".join(origins)
 
 
-def list_cases(folder: Path) -> list[Path]:
+def list_cases(folder: Path, include_unreadable: bool = False) -> list[Path]:
     """Input stacks in ``folder``: ``*.tif`` / ``*.tiff`` in any case, regular files, hidden ones skipped.
 
     Hidden names are skipped because they are never cases: macOS ``._x.tif`` companions and
-    our own ``.x.tif.partial-<pid>`` temporaries.
+    our own ``.x.tif.partial-<pid>`` temporaries. ``include_unreadable`` also lists TIFF names
+    that are not regular files (a dangling symlink, a folder called ``x.tif``), so that a caller
+    who promises one output per input can name them as errors (:func:`read_case` says what they are).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -902,8 +939,81 @@ def list_cases(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        if p.suffix.lower() in TIFF_SUFFIXES
+        and not p.name.startswith(".")
+        and (include_unreadable or p.is_file())
     )
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """``output = (input - low) * scale``: how a volume outside [0, 65535] was brought into uint16."""
+
+    low: float
+    scale: float
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "fmc_intensity_low": self.low,
+            "fmc_intensity_scale": self.scale,
+            "fmc_intensity_map": "output = (input - fmc_intensity_low) * fmc_intensity_scale",
+        }
+
+
+UINT16_MAX = 65535
+
+
+def fit_uint16_range(case: Case) -> IntensityMap | None:
+    """Bring a case whose values do not fit uint16 (negatives, above 65535) into it by an affine map.
+
+    Why a map and not clipping: the output is uint16 (the platform contract), and an int16 volume
+    with negative voxels or an int32 one above 65535 would lose everything outside [0, 65535] (an
+    int16 input with 46% negatives came out 86% zeros). The challenge's metric normalizes each
+    volume by its own percentiles, so an affine map changes no score, while clipping does. A shift
+    alone (scale 1) when the range fits 65536 levels, so integer data stays exact; else a scale
+    down. The map is logged with the fraction that would have been clipped and written into the
+    output's metadata (``fmc_intensity_*``). Returns None (nothing changed) for data that fits.
+    """
+    volume = case.volume
+    if volume.dtype == np.uint16 or volume.dtype.kind not in "iuf" or volume.size == 0:
+        return None
+    low_value = float(min(volume[zs].min() for zs in _slabs(volume)))
+    high_value = float(max(volume[zs].max() for zs in _slabs(volume)))
+    if low_value >= 0 and high_value <= UINT16_MAX:
+        return None
+    below = sum(int(np.count_nonzero(volume[zs] < 0)) for zs in _slabs(volume))
+    above = sum(int(np.count_nonzero(volume[zs] > UINT16_MAX)) for zs in _slabs(volume))
+    low = min(low_value, 0.0)
+    span = high_value - low
+    scale = 1.0 if span <= UINT16_MAX else UINT16_MAX / span
+    out = np.empty(volume.shape, dtype=np.uint16)
+    for zs in _slabs(volume):
+        if scale == 1.0 and volume.dtype.kind in "iu":
+            out[zs] = volume[zs].astype(np.int64) - int(low)
+        else:
+            out[zs] = np.clip(np.rint((volume[zs].astype(np.float64) - low) * scale), 0, UINT16_MAX)
+    mapping = IntensityMap(low=low, scale=scale)
+    clipped = []
+    if below:
+        clipped.append(f"{100 * below / volume.size:.1f}% of voxels below 0")
+    if above:
+        clipped.append(f"{100 * above / volume.size:.1f}% above {UINT16_MAX}")
+    how = f"shifted by {-low:+g}" if scale == 1.0 else f"mapped as (value - {low:g}) * {scale:.6g}"
+    log.warning(
+        "%s: %s data with %s (range %g..%g) would be clipped in the uint16 output: intensities %s "
+        "before fusing; the output's metadata records it (fmc_intensity_low=%g, fmc_intensity_scale=%.6g)",
+        case.path.name,
+        volume.dtype.name,
+        " and ".join(clipped),
+        low_value,
+        high_value,
+        how,
+        low,
+        scale,
+    )
+    case.volume = out
+    case.meta.extra.update(mapping.metadata())
+    return mapping
 
 
 # --------------------------------------------------------------------------- writing
@@ -951,7 +1061,10 @@ def output_metadata(meta: CaseMetadata) -> dict[str, Any]:
     out["axes"] = "ZYX"
     if meta.spacing_valid:
         z, y, x = (float(s) for s in meta.spacing)
-        out.update(PhysicalSizeX=x, PhysicalSizeY=y, PhysicalSizeZ=z, unit="um")
+        out.update(PhysicalSizeX=x, PhysicalSizeY=y, unit="um")
+        if not meta.sources.get("spacing_z", "").startswith("assumed"):
+            out["PhysicalSizeZ"] = z  # an assumed z stays unwritten: a reader would take it as real
+    out.update(meta.extra)
     if meta.channel in CHANNELS:
         out["channel"] = meta.channel
     if meta.study is not None:
@@ -981,10 +1094,13 @@ def _to_uint16(volume: np.ndarray) -> np.ndarray:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temporary in the same folder and rename: readers never see half a file."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a hidden temporary in the same folder and rename: readers never see half a file.
+
+    Any exception, a SIGTERM turned into one included (:mod:`fmc.infer`), removes the temporary.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = partial_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -994,12 +1110,102 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+class OutputError(Exception):
+    """An output that cannot be written (permissions, a folder in the way, a full disk).
+
+    ``str(error)`` names the output file, never the hidden temporary; no other kernel or
+    device fixes it, so inference does not retry it.
+    """
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"cannot write {self.path}: {self.reason}")
+
+
+def _os_reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be made in it; OutputError otherwise.
+
+    Why before fusing: a read-only mount is only noticed at the write otherwise, after minutes
+    of work, and the OS error then names the hidden temporary.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(folder, "it exists and is not a folder") from None
+    except OSError as error:
+        raise OutputError(folder, f"cannot create the folder ({_os_reason(error)})") from None
+    probe = folder / f".fmc-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        raise OutputError(folder, f"the folder is not writable ({_os_reason(error)})") from None
+
+
+def check_output_target(path: Path) -> None:
+    """OutputError when ``path`` cannot take a file: a folder (or other non-file) of that name is there."""
+    path = Path(path)
+    if path.is_symlink() or not path.exists():
+        return
+    if path.is_dir():
+        raise OutputError(path, "a folder of that name is in the way")
+    if not path.is_file():
+        raise OutputError(path, "something that is not a regular file is in the way")
+
+
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
+
+
+def partial_name(path: Path) -> Path:
+    """The hidden temporary a write of ``path`` goes through (same folder, so the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier run with the same pid (a container's pid 1): we wrote nothing yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove ``.<name>.partial-<pid>`` temporaries whose process is gone (a SIGKILL, a power cut)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(folder).iterdir():
+            match = _PARTIAL.match(entry.name)
+            if match is None or _process_alive(int(match["pid"])) or not entry.is_file():
+                continue
+            try:
+                entry.unlink()
+            except OSError as error:
+                log.warning("cannot remove the stale temporary %s: %s", entry, _os_reason(error))
+                continue
+            log.warning("removed %s: a temporary left by process %s, which is gone", entry, match["pid"])
+            removed.append(entry)
+    return removed
+
+
 def write_prediction(path: Path, volume: np.ndarray, meta: CaseMetadata) -> None:
     """Write a fused prediction: uint16 BigTIFF, same shape, the input's metadata, resolution = 1/spacing.
 
     Float input is clipped to [0, 65535] and rounded. The X/Y resolution is written in
     pixels per micrometre with ResolutionUnit MICROMETER, so it agrees with the JSON
-    ``unit: um`` whichever one a reader trusts. Atomic (see :func:`_atomic_write`).
+    ``unit: um`` whichever one a reader trusts. Atomic (see :func:`atomic_write`).
     """
     path = Path(path)
     data = _to_uint16(volume)
@@ -1014,7 +1220,11 @@ def write_prediction(path: Path, volume: np.ndarray, meta: CaseMetadata) -> None
         _, y, x = meta.spacing
         options["resolution"] = (1.0 / x, 1.0 / y)
         options["resolutionunit"] = tifffile.RESUNIT.MICROMETER
-    _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, **options))
+    check_output_target(path)
+    try:
+        atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, **options))
+    except OSError as error:
+        raise OutputError(path, _os_reason(error)) from None
 
 
 def _spelled_keys(spelling: str) -> tuple[str, str, str]:
@@ -1108,4 +1318,4 @@ def write_volume(
             metadata["MapAnnotation"] = {k: str(v) for k, v in extra.items()}
         options = {**base, "ome": True, "metadata": metadata}
     path = Path(path)
-    _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, **options))
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, **options))

@@ -15,6 +15,7 @@ from fmc.io import (
     TARGET_SPACING_UM,
     CaseError,
     CaseMetadata,
+    OutputError,
     list_cases,
     read_case,
     write_prediction,
@@ -481,7 +482,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(tifffile, "imwrite", broken_imwrite)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=f"cannot write .*{target.name}: disk full"):
         write_prediction(target, _volume(), _meta())
     assert written_to[0].parent == tmp_path and written_to[0].name.startswith(".")
     assert os.listdir(tmp_path) == [target.name]
