@@ -448,12 +448,7 @@ def host_info() -> dict:
                 break
     except OSError:
         pass
-    try:
-        import torch
-
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = None
+    torch_version = _torch_version()
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
@@ -462,6 +457,21 @@ def host_info() -> dict:
         "torch": torch_version,
         "python": platform.python_version(),
     }
+
+
+def _torch_version() -> str | None:
+    """torch's version without importing it (3 s on 2 cores, paid by every benchmark process)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
 
 
 def tail(text: str, lines: int = 30) -> str:
