@@ -860,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_part is not None:
         settings = Settings(out, args.work.resolve(), args.device, args.quick, args.preset)
         return run_part(args.run_part, settings)
+    # SIGTERM (e.g. from `timeout`) as an exception, so the running part's process group is
+    # killed too: each part runs in a session of its own, which a signal to this one misses.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     work = (args.work or Path(tempfile.mkdtemp(prefix="fmc-gpu-check-"))).resolve()
     settings = Settings(out, work, args.device, args.quick, args.preset)
     return orchestrate(parts, settings, args.total_seconds, args.keep_work or args.work is not None)
