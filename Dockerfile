@@ -1,7 +1,11 @@
 # Grand-Challenge inference container for FuseMyCells: /input -> /output, no network.
 # Torch (CUDA build) comes from the base image; requirements.txt must not reinstall it.
 # BASE_IMAGE can be overridden (tests build this file on a local CPU stand-in).
-ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.6-cudnn9-runtime
+# torch 2.13.0, the version the whole test suite runs (requirements-dev.txt, the
+# stand-in's wheel): what ships is what is tested. CUDA 12.6 as before (any driver
+# >= 525 through CUDA minor-version compatibility; a T4 works); the 2.13.0 tag is
+# referenced by public Dockerfiles, one of them a Grand-Challenge algorithm.
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \

@@ -12,10 +12,12 @@ import dataclasses
 import json
 import logging
 import sys
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any
 
+from fmc.method import DW_FORMS, STEP1_MODES
 from fmc.training.config import ABLATIONS, CHANNELS, STAGES, FitConfig, resolve_config
 
 log = logging.getLogger("fmc.train")
@@ -40,6 +42,8 @@ FIT_HELP: dict[str, str] = {
     "global_size": "edge of the step-1 global volume (the paper: 224)",
     "patch": "edge of the step-2 training crops and inference patches",
     "flips": "random flips on all axes",
+    "step1_mode": "correction: step 1 predicts a change added to the 0.6 um input and untrained networks "
+    "give the resampled input exactly; output: step 1's output is the prediction (the paper)",
     "alpha": "weight of the MAE term",
     "beta": "weight of the adversarial term (0: no discriminator)",
     "w_ssim": "weight of a 1-SSIM term",
@@ -52,6 +56,8 @@ FIT_HELP: dict[str, str] = {
     "disc_levels": "discriminator levels",
     "disc_conditional": "discriminator also sees the input view",
     "dw": "difference weighting, eq. (2), on the final stage's output before the loss",
+    "dw_form": "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
+    "inference only)",
     "dw_train_max_filter": "max-filter size on O' during training (0 = off)",
     "dw_max_filter": "max-filter size on O' in the inference pipeline (validation, model card)",
     "lr": "generator AdamW learning rate",
@@ -70,6 +76,8 @@ FIT_HELP: dict[str, str] = {
     "val_fraction": "fraction of image ids per (study, channel) held out for validation",
     "val_studies": "hold out these whole studies for validation instead of a random split",
     "split_csv": "reuse this split.csv",
+    "val_min_id": "image ids >= N validate and pick the checkpoint, the rest train (e.g. held-out-family "
+    "pairs written with fmc.simulate_heldout --first-id N beside the training pairs); 0: off",
     "val_every": "validate every K epochs",
     "val_max_cases": "validate on at most this many cases (0: all)",
     "val_mode": "iso: cached 0.6 um volumes, pipeline core; full: source TIFFs through FusionPipeline.run",
@@ -83,6 +91,13 @@ FIT_HELP: dict[str, str] = {
     "resume": "checkpoint to resume from, or 'last' (each stage from its last.ckpt)",
     "log_every_n_steps": "logging interval in steps",
 }
+DOCKER_EPILOG = """\
+In the fmc-train image (data-loader workers pass batches through /dev/shm, which Docker
+limits to 64 MB: give the container --ipc=host or --shm-size, or fit falls back to
+--num-workers 0 with a warning):
+  docker run --gpus all --ipc=host -v DATA:/data -v RUNS:/runs fmc-train fit --data /data --out /runs/NAME
+On a CPU, see README "Training on a CPU" (GPU-sized defaults take minutes per step).
+"""
 CHOICES: dict[str, tuple[str, ...]] = {
     "ablation": tuple(ABLATIONS),
     "step": STAGES,
@@ -90,6 +105,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gan_mode": ("bce", "lsgan"),
     "lr_schedule": ("cosine", "constant"),
     "val_mode": ("iso", "full"),
+    "step1_mode": STEP1_MODES,
+    "dw_form": ("paper", "released"),
     "accelerator": ("auto", "cpu", "gpu"),
     "sim_channels": CHANNELS,
     "channels": CHANNELS,
@@ -109,7 +126,10 @@ def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
         preset_note = ""
         if any(field.name in values for values in ABLATIONS.values()):
             preset_note = " [set by --ablation]"
-        help_text = f"{FIT_HELP.get(field.name, field.name)} (default: {default}){preset_note}"
+        described = FIT_HELP.get(field.name, field.name)
+        # a help text that says its own default (or a None default) gets no second "(default: ...)"
+        shown = "" if default is None or "default" in described.lower() else f" (default: {default})"
+        help_text = f"{described}{shown}{preset_note}"
         kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": field.name}
         hint = hints[field.name]
         if field.name in CHOICES:
@@ -131,14 +151,21 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
     return resolve_config(explicit, explicit.get("ablation"))
 
 
+def _wrapped(text: str) -> str:
+    """A description pre-wrapped for RawDescriptionHelpFormatter (which keeps the epilog's command intact)."""
+    return textwrap.fill(text, width=90)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
-        description=(
+        description=_wrapped(
             "Train the two-step RUNet fusion model (FuseMyCells): prepare a cache from image pairs, fit with "
             "Lightning (one GPU, many GPUs or CPU), export safetensors weights for inference.py, evaluate "
             "them against the identity and Gaussian baselines."
         ),
+        epilog=DOCKER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     parser.add_argument("--log-level", default="INFO", choices=levels, help="logging level")
@@ -170,13 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         "fit",
         parents=[common],
         help="train step 1, step 2 or both (Lightning; DDP with --devices/--num-nodes)",
-        description=(
+        description=_wrapped(
             "Train the two-step model. Step 1: RUNet on global volumes; step 2: RUNet on random crops of "
             "[input, step-1 output]. Loss alpha*MAE + beta*adversarial (+ optional SSIM/Pearson/cosine), "
             "difference weighting before the loss. Validation runs the real inference pipeline and keeps the "
             "checkpoint with the best mean N_SSIM. Data: --cache (prepared), --data (prepared first) or "
             "--simulate N."
         ),
+        epilog=DOCKER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_fit_flags(fit)
     fit.add_argument("--prepare-workers", type=int, default=1, help="worker processes when preparing --data")
@@ -207,10 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         parents=[common],
-        help="N_SSIM of exported weights vs identity and Gaussian baselines, per channel",
+        help="N_SSIM of exported weights vs the baselines (identity, gaussian, gaussian-tuned, resample)",
         description=(
             "Run the inference pipeline with --weights on the pairs of --data and score N_SSIM (fmc.metrics) "
-            "beside the identity and Gaussian baselines. Writes cases.csv, summary.csv and summary.md."
+            "beside the baselines of fmc.baselines: identity, the public Gaussian, the Gaussian with the "
+            "sigma tuned on training pairs (from the cards), and the pipeline's own resampling. Mean and "
+            "worst case per channel. Writes cases.csv, summary.csv and summary.md."
         ),
         formatter_class=fmt,
     )
@@ -226,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
     ev.add_argument("--batch", type=int, default=2, help="patches per forward")
     ev.add_argument("--tta", action="store_true", help="test-time flips")
+    ev.add_argument(
+        "--dw", choices=DW_FORMS, default=None, help="DW form instead of the card's: paper | released | none"
+    )
+    ev.add_argument("--no-step2", action="store_true", help="step 1 alone (the step-1 rows of the table)")
     return parser
 
 
@@ -299,6 +334,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             overlap=args.overlap,
             batch=args.batch,
             tta=args.tta,
+            dw=args.dw,
+            step2=not args.no_step2,
         )
     )
     print(markdown_table(summary), end="")

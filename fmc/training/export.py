@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,24 @@ from fmc.weights import ModelCard, save_model
 log = logging.getLogger(__name__)
 
 EXPORT_CHANNELS = ("any", "nucleus", "membrane")
+FILE_MODE = 0o644
+FOLDER_MODE = 0o755
+
+
+def _make_shareable(out: Path, folder: Path, files: list[Path]) -> None:
+    """0644 files and 0755 folders from ``out`` down to ``folder``, whatever the umask.
+
+    Why: the exported folder is mounted into the ``fmc`` image, whose user (uid 1001) is not the
+    one who exported; the atomic writer's temporaries are 0600, which that user cannot read.
+    """
+    for path in files:
+        os.chmod(path, FILE_MODE)
+    current = folder
+    while True:
+        os.chmod(current, FOLDER_MODE)
+        if current == out or out not in current.parents:
+            break
+        current = current.parent
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -79,10 +98,7 @@ def _training_record(config: FitConfig, checkpoint: dict[str, Any], ckpt: Path) 
         "ablation": config.ablation,
         "fit_config": config.to_dict(),
         "pipeline": {
-            "global_size": config.global_size,
-            "patch": config.patch,
-            "difference_weighting": config.dw,
-            "max_filter": config.dw_max_filter,
+            **config.method_settings().to_card(),
             "step1": config.step1_enabled,
             "step2": config.step2_enabled,
         },
@@ -123,6 +139,7 @@ def export_checkpoint(
         if hparams.get("step1_network") is not None:
             networks.append((1, hparams["step1_network"], sub_state(state, "step1_net")))
         networks.append((2, hparams["network"], sub_state(state, "generator")))
+    out = Path(out)
     folder = out / channel / (f"study_{study}" if study is not None else "")
     folder.mkdir(parents=True, exist_ok=True)
     scores = {"val_n_ssim": best_score(checkpoint), **(metrics or {})}
@@ -145,6 +162,9 @@ def export_checkpoint(
         save_model(stem, network, card)
         written.append(stem)
         log.info("exported step %d (%s preset) -> %s.safetensors", step, config.preset, stem)
+    _make_shareable(
+        out, folder, [stem.with_suffix(suffix) for stem in written for suffix in (".safetensors", ".json")]
+    )
     exported = {step for step, _, _ in networks}
     for step in {1, 2} - exported:
         for suffix in (".safetensors", ".json"):

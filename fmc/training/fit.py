@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -39,6 +40,14 @@ from fmc.training.sources import data_description
 from fmc.training.step1_outputs import outputs_folder, weights_fingerprint
 
 log = logging.getLogger(__name__)
+
+SHM_PATH = Path("/dev/shm")
+PREFETCH_FACTOR = 2  # torch DataLoader's default: batches in flight per worker
+CPU_RECIPE = (
+    "--preset small --global-size 64 --patch 48 --batch 2 --beta 0 --num-workers 0 "
+    "--max-steps 150 (step 1) / 240 (step 2) --patches-per-case 2 --val-every 2 --val-max-cases 4"
+)
+CPU_SLOW_STEP_SECONDS = 15.0  # above this a CPU run gets the warning (the recipe: ~2-5 s per step)
 
 DDP_TIMEOUT = timedelta(hours=2)  # rank 0 may prepare the cache inside prepare_data while the others wait
 
@@ -76,6 +85,111 @@ def resolve_precision(config: FitConfig, accelerator: str) -> str:
     if config.precision != "auto":
         return config.precision
     return "bf16-mixed" if accelerator == "gpu" else "32-true"
+
+
+def loader_batch_bytes(config: FitConfig) -> int:
+    """Bytes of the largest batch a loader worker hands over (float32; input, step-1 channel, target)."""
+    step1 = config.batch_global * 2 * config.global_size**3 * 4
+    step2 = config.batch * 3 * config.patch**3 * 4
+    return max(step1 if config.step1_enabled else 0, step2 if config.step2_enabled else 0)
+
+
+def check_shared_memory(config: FitConfig, shm: Path | None = None) -> int:
+    """The loader workers to use: ``config.num_workers``, or 0 with a warning when /dev/shm is too small.
+
+    Why: workers pass batches through shared memory, and Docker gives a container 64 MB of it
+    unless ``--ipc=host`` or ``--shm-size`` is given; the first batch then dies with "unable to
+    allocate shared memory(shm) ... No space left on device". Loading in the main process is
+    slower but trains.
+    """
+    workers = config.num_workers
+    shm = SHM_PATH if shm is None else shm
+    if workers <= 0 or not shm.is_dir():
+        return workers
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        return workers
+    needed = 2 * workers * PREFETCH_FACTOR * loader_batch_bytes(config)  # x2: pinned copies, collation
+    if free >= needed:
+        return workers
+    log.warning(
+        "%s has %d MiB free, %d data-loader worker(s) need about %d MiB for their batches (Docker's "
+        "default is 64 MB): loading in the main process instead (--num-workers 0, slower). To keep the "
+        "workers, add --ipc=host or --shm-size=%dg to docker run",
+        shm,
+        free // 2**20,
+        workers,
+        needed // 2**20,
+        max(1, -(-needed // 2**30)),
+    )
+    return 0
+
+
+# Measured (issue 13): `fit` with the defaults (small preset, one 224^3 global volume per step,
+# GAN on) took 57 s per step on 2 CPU cores; the small generator costs 42.9 kFLOP per voxel
+# forward, so about 3 x 42.9e3 x 224^3 / 57 / 2 = 6.4 GFLOP/s per core for a whole training step.
+CPU_TRAIN_FLOPS_PER_CORE = 6.4e9
+
+
+def _forward_flops_per_voxel(config: FitConfig, stage: int, edge: int = 32) -> float:
+    """FLOPs per voxel of the stage's generator, counted (not timed) on one ``edge``^3 forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fmc.network import RUNet
+
+    network = RUNet(network_config(config, stage))
+    sample = torch.zeros(1, network.config.in_channels, edge, edge, edge)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        network(sample)
+    return counter.get_total_flops() / edge**3
+
+
+def cpu_step_estimates(config: FitConfig) -> dict[int, float]:
+    """Estimated seconds per training step of each stage on this CPU.
+
+    Forward + backward = 3 forwards, at the whole-step rate measured on a CPU
+    (:data:`CPU_TRAIN_FLOPS_PER_CORE`) times the threads torch uses. An estimate: CPUs differ.
+    """
+    cores = max(1, torch.get_num_threads())
+    estimates = {}
+    for stage in config.stages():
+        voxels = config.batch_global * config.global_size**3 if stage == 1 else config.batch * config.patch**3
+        flops = 3 * _forward_flops_per_voxel(config, stage) * voxels
+        estimates[stage] = flops / (CPU_TRAIN_FLOPS_PER_CORE * cores)
+    return estimates
+
+
+def warn_cpu_sized(config: FitConfig) -> dict[int, float]:
+    """On a CPU, warn when the settings are GPU-sized: the estimated time per step and the CPU recipe."""
+    if resolve_accelerator(config)[0] != "cpu":
+        return {}
+    try:
+        estimates = cpu_step_estimates(config)
+    except Exception as error:  # an estimate that cannot be made must not stop the training it advises on
+        log.debug("no CPU step-time estimate: %s", error)
+        return {}
+    slow = {stage: seconds for stage, seconds in estimates.items() if seconds > CPU_SLOW_STEP_SECONDS}
+    if slow:
+        steps = config.max_steps if config.max_steps > 0 else None
+        detail = "; ".join(
+            f"step {stage}: about {seconds:.0f} s per step"
+            + (f" ({seconds * steps / 3600:.0f} h for {steps} steps)" if steps else "")
+            for stage, seconds in slow.items()
+        )
+        log.warning(
+            "training on the CPU with GPU-sized settings (global %d^3 x %d, patches %d^3 x %d, %s preset): "
+            "%s (estimated from this network's FLOPs and a measured CPU rate). For a CPU run see README "
+            "'Training on a CPU': %s",
+            config.global_size,
+            config.batch_global,
+            config.patch,
+            config.batch,
+            config.preset,
+            detail,
+            CPU_RECIPE,
+        )
+    return estimates
 
 
 def build_strategy(config: FitConfig, devices: int) -> Any:
@@ -240,7 +354,7 @@ def run_stage(
         module.step1_net.load_state_dict(step1_state)
     if module.step1_net is not None and not config.joint:
         step1_dir = outputs_folder(
-            Path(config.run_dir), weights_fingerprint(module.step1_net), config.global_size
+            Path(config.run_dir), weights_fingerprint(module.step1_net), config.global_size, config.step1_mode
         )
     datamodule = FusionDataModule(
         config,
@@ -301,6 +415,9 @@ def run_fit(config: FitConfig, *, prepare_workers: int = 1) -> list[StageResult]
         config.data = str(Path(config.data).resolve())
     if config.step1_ckpt:
         config.step1_ckpt = str(Path(config.step1_ckpt).resolve())
+    config.num_workers = check_shared_memory(config)
+    if rank_zero_only.rank == 0:
+        warn_cpu_sized(config)  # before seeding: its FLOP count initializes a network (random numbers)
     L.seed_everything(config.seed, workers=True)
     plan = resume_plan(config)
     _write_config(config)

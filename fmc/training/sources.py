@@ -83,7 +83,7 @@ def data_description(config: FitConfig) -> dict[str, Any]:
     """For the model card: what the model was trained on."""
     manifest = load_manifest(config.cache_dir())
     channels = sorted({c.channel for c in manifest.cases})
-    studies = sorted({str(c.study) for c in manifest.cases})
+    studies = sorted({str(c.study) if c.study is not None else "none" for c in manifest.cases})
     description: dict[str, Any] = {
         "source": manifest.data,
         "cases": len(manifest.cases),

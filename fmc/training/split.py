@@ -32,15 +32,22 @@ def make_split(
     val_fraction: float = 0.2,
     seed: int = 0,
     val_studies: tuple[int, ...] = (),
+    val_min_id: int = 0,
 ) -> list[SplitRow]:
     """Assign each ``(case_id, image_id, channel, study)`` to train or val.
 
-    With ``val_studies`` the listed studies are validation and everything else trains.
+    With ``val_min_id`` image ids from it on are validation (a held-out family placed beside the
+    training pairs), with ``val_studies`` the listed studies; everything else trains.
     Otherwise ids are grouped by their stratum (study, channels the id has; an id with
     both channels forms a "membrane+nucleus" stratum), shuffled with ``seed``, and
     ``round(val_fraction * n)`` ids per stratum go to val (at least one when the stratum
     has two or more ids, none when it has one).
     """
+    if val_min_id > 0:  # a held-out family beside the training pairs: its ids validate
+        return [
+            SplitRow(c, i, ch, st, "val" if i >= val_min_id else "train")
+            for c, i, ch, st in sorted(cases, key=_order)
+        ]
     if val_studies:
         held = set(val_studies)
         return [
@@ -104,6 +111,7 @@ def split_summary(rows: list[SplitRow]) -> dict[str, dict[str, int]]:
     """Counts per subset and (study, channel), for the log and the model card."""
     summary: dict[str, dict[str, int]] = {"train": {}, "val": {}}
     for row in rows:
-        key = f"study{row.study}/{row.channel}"
+        study = f"study{row.study}" if row.study is not None else "no study"  # not "studyNone"
+        key = f"{study}/{row.channel}"
         summary[row.subset][key] = summary[row.subset].get(key, 0) + 1
     return summary

@@ -12,7 +12,7 @@ import pytest
 
 from .conftest import REPO, apt_install
 
-SCRIPTS = ["build.sh", "test.sh", "export.sh", "tests/container/make_base_image.sh"]
+SCRIPTS = ["build.sh", "build-offline.sh", "test.sh", "export.sh", "tests/container/make_base_image.sh"]
 DOCKERFILES = ["Dockerfile", "Dockerfile.train"]
 
 
@@ -50,3 +50,18 @@ def test_scripts_refuse_unknown_arguments(script: str) -> None:
     proc = subprocess.run(["bash", script, "--bogus"], cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "--bogus" in proc.stderr
+
+
+def test_the_images_ship_the_torch_the_suite_tests() -> None:
+    """Issue 13: the base image's torch must be the version every test runs (and the stand-in holds)."""
+    import re
+
+    tested = re.search(r"^torch==(\S+)", (REPO / "requirements-dev.txt").read_text(), re.MULTILINE)
+    standin = re.search(
+        r"^TORCH_VERSION=(\S+)", (REPO / "tests/container/make_base_image.sh").read_text(), re.M
+    )
+    assert tested and standin and tested[1] == standin[1]
+    for dockerfile in DOCKERFILES:
+        base = re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:([0-9.]+)-", (REPO / dockerfile).read_text(), re.M)
+        assert base, f"{dockerfile}: no pinned pytorch/pytorch base"
+        assert base[1] == tested[1], f"{dockerfile} ships torch {base[1]}, the suite tests {tested[1]}"
