@@ -971,8 +971,9 @@ def fit_uint16_range(case: Case) -> IntensityMap | None:
     int16 input with 46% negatives came out 86% zeros). The challenge's metric normalizes each
     volume by its own percentiles, so an affine map changes no score, while clipping does. A shift
     alone (scale 1) when the range fits 65536 levels, so integer data stays exact; else a scale
-    down. The map is logged with the fraction that would have been clipped and written into the
-    output's metadata (``fmc_intensity_*``). Returns None (nothing changed) for data that fits.
+    down (float data: always to the full range). The map is logged with the fraction that would
+    have been clipped and written into the output's metadata (``fmc_intensity_*``). Returns None
+    (nothing changed) for data that fits.
     """
     volume = case.volume
     if volume.dtype == np.uint16 or volume.dtype.kind not in "iuf" or volume.size == 0:
@@ -985,7 +986,10 @@ def fit_uint16_range(case: Case) -> IntensityMap | None:
     above = sum(int(np.count_nonzero(volume[zs] > UINT16_MAX)) for zs in _slabs(volume))
     low = min(low_value, 0.0)
     span = high_value - low
-    scale = 1.0 if span <= UINT16_MAX else UINT16_MAX / span
+    # integers: a shift keeps them exact when they fit; floats carry no integer meaning, and a
+    # shift alone would round a small float range to a few levels: they get the full range
+    fits = span <= UINT16_MAX and volume.dtype.kind in "iu"
+    scale = 1.0 if fits else UINT16_MAX / span if span > 0 else 1.0
     out = np.empty(volume.shape, dtype=np.uint16)
     for zs in _slabs(volume):
         if scale == 1.0 and volume.dtype.kind in "iu":

@@ -174,6 +174,11 @@ def test_the_map_is_exact_for_integers_and_left_out_where_data_fits(tmp_path, ca
     assert mapping is not None and mapping.low == int8.min() and mapping.scale == 1.0
     assert case.volume.dtype == np.uint16
     np.testing.assert_array_equal(case.volume.astype(np.int64), int8.astype(np.int64) - int8.min())
+    floats = np.linspace(-0.2, 1.0, 12 * 40 * 40, dtype=np.float32).reshape(12, 40, 40)
+    case = read_case(_case(tmp_path, "f.tif", volume=floats))
+    mapping = fit_uint16_range(case)
+    assert mapping is not None and mapping.scale == pytest.approx(65535 / 1.2)  # not 2 levels after rounding
+    assert case.volume.min() == 0 and case.volume.max() == 65535
     fits = read_case(_case(tmp_path, "b.tif", volume=np.arange(256, dtype=np.int16).reshape(4, 8, 8)))
     assert fit_uint16_range(fits) is None and fits.volume.dtype == np.int16
 
