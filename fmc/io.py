@@ -24,7 +24,11 @@ Rules worth knowing (documented here because they are guesses about missing data
   warning names the file.
 - X-Y valid but Z missing: a calibrated ImageJ file gets ImageJ's own default voxel depth of
   1 unit (what Fiji shows for it); any other file gets z = x. Both warn; ``spacing_valid``
-  stays True and ``sources["spacing_z"]`` says it was assumed.
+  stays True and ``sources["spacing_z"]`` says it was assumed; the assumed z is never written
+  to an output.
+- X-Y valid but a Z value present and invalid (``PhysicalSizeZ=0``, -2, 1e6 um): not "missing",
+  so nothing is guessed: the whole spacing is invalid (isotropic default, no resampling) and
+  the warning names the value.
 - Y missing but X valid (or the reverse): square pixels are assumed.
 
 Fatal faults raise :class:`CaseError` (file name + one-line reason); recoverable ones log a
