@@ -1,14 +1,21 @@
 """Difference weighting, eq. (2) of Wodzinski & Mueller: keep the input where the network barely
 changed it, take the network's output where it changed it most.
 
-Two forms of one formula: :func:`difference_weighting` builds new tensors (differentiable; used in
-training on patches) and :func:`difference_weighting_` overwrites the network's output slab by slab
-(inference on a whole volume, where five full-size temporaries would cost 16 GB for study 5).
+Two forms of the paper's formula: :func:`difference_weighting` builds new tensors (differentiable;
+used in training on patches) and :func:`difference_weighting_` overwrites the network's output slab
+by slab (inference on a whole volume, where five full-size temporaries would cost 16 GB for study 5).
+
+:func:`released_difference_weighting_` is the form of the authors' released code, which differs from
+the paper's text: the weight map is computed coarse and smooth, and the max filter acts on it, not
+on the output. Which form a model uses is a setting of its model card (:mod:`fmc.method`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 DEFAULT_SLAB_VOXELS = 1 << 24  # 64 MiB per float32 temporary
 
@@ -103,3 +110,81 @@ def difference_weighting_(
         weight = (inp[z0:z1] - initial[z0:z1]).abs_().sub_(low).div_(span)
         initial[z0:z1].sub_(inp[z0:z1]).mul_(weight).add_(inp[z0:z1])
     return initial
+
+
+#: The released code's constants: weight map at 128^3, max filter 9, Gaussian sigma 3, p2 / p98.
+RELEASED_GRID = 128
+RELEASED_MAX_FILTER = 9
+RELEASED_SIGMA = 3.0
+RELEASED_PERCENTILES = (2.0, 98.0)
+
+
+def gaussian_blur3d(volume: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian of a (Z, Y, X) tensor, replicated edges; ``sigma`` 0 returns a copy."""
+    if sigma <= 0:
+        return volume.clone()
+    radius = max(1, int(math.ceil(truncate * sigma)))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=volume.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = volume[None, None].float()
+    for dim in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + dim] = kernel.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.view(shape))
+    return out[0, 0]
+
+
+def released_weight_map(
+    inp: torch.Tensor,
+    prediction: torch.Tensor,
+    grid: int = RELEASED_GRID,
+    max_filter: int = RELEASED_MAX_FILTER,
+    sigma: float = RELEASED_SIGMA,
+    percentiles: tuple[float, float] = RELEASED_PERCENTILES,
+) -> torch.Tensor:
+    """The released code's weight map at ``grid``^3: ``|I - O|`` resampled, max-filtered, smoothed,
+    percentile-normalized and clipped to [0, 1]."""
+    from fmc.resample import resample_to_shape
+
+    class _Difference:
+        """|I - O| handed out band by band, so no full-size temporary is made."""
+
+        shape = tuple(int(n) for n in inp.shape)
+        device = inp.device
+
+        @staticmethod
+        def planes(z0: int, z1: int) -> torch.Tensor:
+            return (inp[z0:z1].float() - prediction[z0:z1].float()).abs_()
+
+    small = resample_to_shape(_Difference(), (grid, grid, grid))
+    if max_filter > 1:
+        small = max_filter3d(small, max_filter)
+    small = gaussian_blur3d(small, sigma)
+    q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0], device=small.device)
+    low, high = torch.quantile(small.reshape(-1), q).tolist()
+    return ((small - low) / max(high - low, 1e-12)).clamp_(0.0, 1.0)
+
+
+def released_difference_weighting_(
+    inp: torch.Tensor,
+    prediction: torch.Tensor,
+    grid: int = RELEASED_GRID,
+    max_filter: int = RELEASED_MAX_FILTER,
+    sigma: float = RELEASED_SIGMA,
+) -> torch.Tensor:
+    """``I * (1 - D) + O * D`` with the released code's ``D`` (upsampled slab by slab), written into
+    ``prediction``; returns it."""
+    from fmc.resample import resample_slabs
+
+    if inp.shape != prediction.shape or inp.dim() != 3:
+        raise ValueError(
+            f"expected two equal (Z, Y, X) volumes, got {tuple(inp.shape)} and {tuple(prediction.shape)}"
+        )
+    weight = released_weight_map(inp, prediction, grid, max_filter, sigma)
+    for z0, slab in resample_slabs(weight, tuple(inp.shape)):
+        z1 = z0 + slab.shape[0]
+        prediction[z0:z1].sub_(inp[z0:z1]).mul_(slab).add_(inp[z0:z1])
+    return prediction

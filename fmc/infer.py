@@ -34,7 +34,8 @@ from fmc.io import (
     remove_stale_partials,
     write_prediction,
 )
-from fmc.pipeline import FusionPipeline, PipelineConfig, trained_settings
+from fmc.method import DEFAULT_PATCH, DW_FORMS
+from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
 from fmc.planner import DEFAULT_BUDGET_SECONDS, SAFETY_MARGIN_SECONDS
 from fmc.tiling import TilingConfig
 from fmc.weights import (
@@ -49,7 +50,6 @@ from fmc.weights import (
 log = logging.getLogger("fmc")
 
 PLATFORM_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
-DEFAULT_PATCH = 128
 PLATFORM_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
 
 
@@ -340,7 +340,7 @@ def _fuse_one(
         _check_explicit_choice(options.weights, models, meta.channel, meta.study)
         config = replace(options.pipeline, kernels=attempt.kernels)
         if options.patch is None:  # the patch the model was trained and validated with
-            edge = int(trained_settings(models).get("patch", DEFAULT_PATCH))
+            edge = card_settings(models).patch
             config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))
         pipelines[key] = FusionPipeline(models, config, device)
     pipeline = pipelines[key]
@@ -517,10 +517,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="step-1 cube edge (default: the size the step-1 model was trained at, else 224)",
     )
     parser.add_argument("--tta", action="store_true", help="average test-time flips along z, y and x")
-    parser.add_argument("--max-filter", type=int, default=3, help="max-filter size before DW (odd; 1 = off)")
+    parser.add_argument(
+        "--dw",
+        choices=DW_FORMS,
+        default=None,
+        help="difference weighting form: paper (eq. 2 as the paper reads), released (the authors' code), "
+        "none (default: the model card's setting)",
+    )
+    parser.add_argument(
+        "--max-filter",
+        type=int,
+        default=None,
+        help="max-filter size of the paper DW form (odd; 1 = off; default: the model card's, else 3)",
+    )
     parser.add_argument("--no-step1", action="store_true", help="skip the global 224^3 step (ablation)")
     parser.add_argument("--no-step2", action="store_true", help="skip the patch step (ablation)")
-    parser.add_argument("--no-dw", action="store_true", help="skip difference weighting (ablation)")
+    parser.add_argument("--no-dw", action="store_true", help="skip difference weighting (same as --dw none)")
     parser.add_argument(
         "--budget-seconds",
         type=float,
@@ -547,7 +559,9 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         raise SystemExit(f"--overlap must be in [0, 1), got {args.overlap}")
     if (args.patch is not None and args.patch < 8) or args.batch < 1:
         raise SystemExit("--patch must be >= 8 and --batch >= 1")
-    if args.max_filter < 1 or args.max_filter % 2 == 0:
+    if args.no_dw and args.dw not in (None, "none"):
+        raise SystemExit(f"--no-dw contradicts --dw {args.dw}")
+    if args.max_filter is not None and (args.max_filter < 1 or args.max_filter % 2 == 0):
         raise SystemExit(f"--max-filter must be odd and >= 1, got {args.max_filter}")
     if args.autocast != "none" and args.precision not in ("auto", args.autocast):
         raise SystemExit(f"--autocast {args.autocast} contradicts --precision {args.precision}")
@@ -561,7 +575,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
     pipeline = PipelineConfig(
         step1=not args.no_step1,
         step2=not args.no_step2,
-        difference_weighting=not args.no_dw,
+        difference_weighting="none" if args.no_dw else args.dw,
         max_filter=args.max_filter,
         tta=args.tta,
         global_size=args.global_size,

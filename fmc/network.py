@@ -49,6 +49,9 @@ class RUNetConfig:
     # Step 2 adds its correction to channel 1, the step-1 prediction, and starts as exactly that
     # prediction (zero-initialized head): training refines step 1 instead of first relearning it.
     residual_channel: int = 0
+    # Zero-initialize the head for a residual on channel 0 too: the untrained network is then the
+    # identity of its input (fmc.method's "correction" step 1, the patch-only step 2).
+    zero_head: bool = False
 
     def __post_init__(self) -> None:
         # JSON turns tuples into lists; normalize so configs compare equal after a round trip.
@@ -185,7 +188,7 @@ class RUNet(nn.Module):
             up = _conv_norm_act(nn.ConvTranspose3d(c, c, 4, 2, 1, bias=False), c, g)
             self.decoders.append(nn.Sequential(_stage(width, c, n, g), up))
         self.head = nn.Conv3d(ch[0], config.out_channels, 1)
-        if config.residual and config.residual_channel > 0:
+        if config.residual and (config.residual_channel > 0 or config.zero_head):
             nn.init.zeros_(self.head.weight)  # starts as the prediction it refines
             nn.init.zeros_(self.head.bias)
 

@@ -2,13 +2,15 @@
 
 Reads like the paper's Figure 1: normalize -> resample to 0.6 um -> step 1 (global
 224^3 context) -> step 2 (Hann-blended high-resolution patches over [input, step-1])
--> max-filter + difference weighting, eq. (2) -> back to the original grid -> uint16.
+-> difference weighting, eq. (2) -> back to the original grid -> uint16.
 Every step can be switched off (paper ablations, time planner). Heavy arrays stay on
-``device`` from the first transfer to the final uint16 copy.
+``device`` from the first transfer to the final uint16 copy. Which DW form runs, and how
+step 1 reaches the output, are the model card's settings (:mod:`fmc.method`); flags override.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +21,9 @@ import numpy as np
 import torch
 
 from fmc.acceleration import Forward, KernelOptions, build_forward
-from fmc.difference_weighting import difference_weighting_
+from fmc.difference_weighting import difference_weighting_, released_difference_weighting_
 from fmc.memory import high_water_gib
+from fmc.method import MethodSettings
 from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.tiling import Deadline, PatchSource, TilingConfig, sliding_window_inference
@@ -30,19 +33,20 @@ from fmc.weights import LoadedModel, ModelSet
 log = logging.getLogger(__name__)
 
 UINT16_MAX = 65535
-DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
 
 
 @dataclass
 class PipelineConfig:
-    """Switches and sizes of the method; defaults are the paper's full two-step setup."""
+    """Switches and sizes of one run. The method settings left at None come from the model card
+    (:class:`fmc.method.MethodSettings`, its defaults when the card has none)."""
 
     step1: bool = True
     step2: bool = True
-    difference_weighting: bool = True
-    max_filter: int = 3
+    difference_weighting: str | None = None  # "paper" | "released" | "none"; None: the card's
+    max_filter: int | None = None  # the paper form's max filter; None: the card's
+    step1_mode: str | None = None  # "output" | "correction"; None: the card's
     tta: bool = False
-    global_size: int | None = None  # None: what the step-1 model was trained at (card), else 224
+    global_size: int | None = None  # None: what the step-1 model was trained at (card)
     target_spacing: float = 0.6
     tiling: TilingConfig = field(default_factory=TilingConfig)
     kernels: KernelOptions = field(default_factory=KernelOptions)
@@ -52,13 +56,30 @@ class PipelineConfig:
             raise ValueError("set the pipeline's precision with kernels=KernelOptions(precision=...)")
 
 
-def trained_settings(models: ModelSet) -> dict:
-    """Pipeline settings the models were trained and validated with (``card.training["pipeline"]``)."""
-    settings: dict = {}
+def card_settings(models: ModelSet) -> MethodSettings:
+    """The method settings the models were trained and validated with (``card.training["pipeline"]``)."""
+    stored: dict = {}
     for loaded in (models.step1, models.step2):
         if loaded is not None:
-            settings.update(loaded.card.training.get("pipeline", {}))
-    return settings
+            stored.update(loaded.card.training.get("pipeline", {}))
+    return MethodSettings.from_card(stored)
+
+
+def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSettings, dict[str, str]]:
+    """The card's settings with the config's non-None values in their place, and where each came from."""
+    flags = {
+        "difference_weighting": config.difference_weighting,
+        "max_filter": config.max_filter,
+        "global_size": config.global_size,
+        "step1_mode": config.step1_mode,
+    }
+    stored: dict = {}
+    for loaded in (models.step1, models.step2):
+        if loaded is not None:
+            stored.update(loaded.card.training.get("pipeline", {}))
+    sources = {name: ("flag" if flags.get(name) is not None else "card" if name in stored else "default")
+               for name in MethodSettings.__dataclass_fields__}
+    return card_settings(models).override(**flags), sources
 
 
 class StepTwoInputs:
@@ -69,11 +90,14 @@ class StepTwoInputs:
     and their stacked 2-channel copy): 9 GiB less for study 5.
     """
 
-    def __init__(self, iso: torch.Tensor, step1_small: torch.Tensor | None, channels: int) -> None:
+    def __init__(
+        self, iso: torch.Tensor, step1_small: torch.Tensor | None, channels: int, add_input: bool = False
+    ) -> None:
         if channels not in (1, 2):
             raise ValueError(f"step-2 model expects {channels} input channels; the pipeline provides 1 or 2")
         self.iso = iso
         self.channels = channels
+        self.add_input = add_input  # "correction" step 1: the small volume is a change of the input
         # Without step 1 (ablation) the input itself stands in for its output, as in the paper's table.
         use_step1 = channels == 2 and step1_small is not None
         self.upsampler = RegionResampler(step1_small, tuple(iso.shape)) if use_step1 else None
@@ -92,8 +116,10 @@ class StepTwoInputs:
         image = self.iso[z : z + pz, y : y + py, x : x + px]
         if self.channels == 1:
             return image[None]
-        second = image if self.upsampler is None else self.upsampler.region(start, size)
-        return torch.stack([image, second])
+        if self.upsampler is None:
+            return torch.stack([image, image])
+        second = self.upsampler.region(start, size)
+        return torch.stack([image, second + image if self.add_input else second])
 
     def step_one_channel(self, batch: torch.Tensor) -> torch.Tensor:
         """The step-1 output of a (B, C, ...) batch of these patches: what a patch predicts when step 2
@@ -109,6 +135,8 @@ class FusionPipeline:
         self.device = torch.device(device)
         self.step1_model = models.step1 if config.step1 else None
         self.step2_model = models.step2 if config.step2 else None
+        self.settings, self.settings_sources = resolve_settings(models, config)
+        log.info("method settings: %s", self.settings.describe(self.settings_sources))
         self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
@@ -137,10 +165,12 @@ class FusionPipeline:
     @property
     def global_size(self) -> int:
         """Step-1 cube edge: the configured one, else the size the step-1 model was trained at."""
-        if self.config.global_size is not None:
-            return self.config.global_size
-        trained = trained_settings(ModelSet(self.step1_model, None, None)).get("global_size")
-        return int(trained or DEFAULT_GLOBAL_SIZE)
+        return self.settings.global_size
+
+    @property
+    def correction(self) -> bool:
+        """Step 1 predicts a change of the input (fmc.method's "correction" mode) rather than the output."""
+        return self.settings.step1_mode == "correction"
 
     def describe(self) -> str:
         """One phrase naming the steps and presets that will run, for the per-case log line."""
@@ -149,8 +179,11 @@ class FusionPipeline:
             parts.append(f"step1={self.step1_model.card.preset}@{self.global_size}")
         if self.step2_model is not None:
             parts.append(f"step2={self.step2_model.card.preset}")
-        if self.config.difference_weighting:
-            parts.append(f"dw(max{self.config.max_filter})")
+        form = self.settings.difference_weighting
+        if form == "paper":
+            parts.append(f"dw-paper(max{self.settings.max_filter})")
+        elif form == "released":
+            parts.append("dw-released")
         if self.config.tta:
             parts.append("tta")
         if self.config.kernels != KernelOptions():
@@ -180,25 +213,15 @@ class FusionPipeline:
         dev = self.device
         self.memory_high_water_gib = {}
         with torch.inference_mode():
-            with self._stage(timings, "to_device", dev):
-                raw = upload(volume, dev)
-            with self._stage(timings, "normalize", dev):
-                lo, hi = raw.percentile_bounds()
-            with self._stage(timings, "resample_in", dev):
-                # resampling is linear with unit-sum weights: normalizing after it is the same
-                iso_shape = isotropic_shape(tuple(volume.shape), spacing, self.config.target_spacing)
-                iso = resample_to_shape(raw, iso_shape).sub_(lo).div_(hi - lo if hi > lo else 1.0)
-                del raw
+            iso, bounds = to_isotropic(volume, spacing, dev, self.config.target_spacing, self._stage, timings)
             # What follows step 2 costs about two resamplings (three more for difference weighting,
             # measured on CPU; negligible on a GPU) plus the host copy; keep it in reserve.
-            passes = 2.0 + (3.0 if self.config.difference_weighting else 0.0)
+            passes = 2.0 + (3.0 if self.settings.difference_weighting != "none" else 0.0)
             reserve = passes * timings["resample_in"] + volume.nbytes / 200e6 + 2.0
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             del iso
             with self._stage(timings, "resample_out", dev):
-                result = np.empty(volume.shape, dtype=np.uint16) if out is None else out
-                for z0, slab in resample_slabs(prediction, tuple(volume.shape)):
-                    result[z0 : z0 + slab.shape[0]] = _to_uint16(slab, lo, hi)
+                result = to_native_uint16(prediction, tuple(volume.shape), bounds, out)
         return result, timings
 
     @torch.inference_mode()  # also when training's validation calls it under no_grad only
@@ -225,15 +248,22 @@ class FusionPipeline:
         if prediction is None:  # step 2 off or skipped by the planner: step 1 at full resolution
             with self._stage(timings, "step1_upsample", dev):
                 prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
+                if self.correction and step1_small is not None:
+                    prediction.add_(iso)
                 _replace_non_finite_(prediction, iso)
         del step1_small
-        if self.config.difference_weighting:
+        form = self.settings.difference_weighting
+        if form != "none":
             with self._stage(timings, "dw", dev):
-                prediction = difference_weighting_(iso, prediction, self.config.max_filter)
+                if form == "paper":
+                    prediction = difference_weighting_(iso, prediction, self.settings.max_filter)
+                else:
+                    prediction = released_difference_weighting_(iso, prediction)
         return prediction
 
     def _global_step(self, iso: torch.Tensor) -> torch.Tensor:
-        """Step 1: the whole volume at ``global_size``^3 through RUNet_1; returns that small output.
+        """Step 1: the whole volume at ``global_size``^3 through RUNet_1; returns that small output
+        (in "correction" mode: the output minus the network's input, the change to add).
 
         It is brought back to the 0.6 um grid later: patch by patch for step 2, or whole when
         step 2 does not run.
@@ -241,8 +271,8 @@ class FusionPipeline:
         assert self.step1_model is not None
         size = (self.global_size,) * 3
         small = resample_to_shape(iso, size)
-        out = self._predictor(self.step1_model)(small[None, None])[0, 0]
-        return out.float()
+        out = self._predictor(self.step1_model)(small[None, None])[0, 0].float()
+        return out - small if self.correction else out
 
     def _patch_step(
         self,
@@ -260,7 +290,7 @@ class FusionPipeline:
         """
         assert self.step2_model is not None
         wanted = int(self.step2_model.card.config.get("in_channels", 2))
-        source = StepTwoInputs(iso, step1_small, wanted)
+        source = StepTwoInputs(iso, step1_small, wanted, add_input=self.correction)
         tiling, tta = self.config.tiling, self.config.tta
         stop = None
         if deadline is not None:
@@ -269,8 +299,26 @@ class FusionPipeline:
             if not plan.run:
                 return None
             tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
-            stop = Deadline(deadline - reserve_seconds, source.step_one_channel)
-        return self._tile_with_retries(source, self._predictor(self.step2_model, tta), tiling, stop)[0]
+        predictor = self._predictor(self.step2_model, tta)
+        if not self.correction:
+            if deadline is not None:
+                stop = Deadline(deadline - reserve_seconds, source.step_one_channel)
+            return self._tile_with_retries(source, predictor, tiling, stop)[0]
+        # "correction": blend only what the network changes, then add what it started from (the
+        # input plus step 1's change) -- zero heads leave the input exactly, to the last bit.
+        channel = int(self.step2_model.card.config.get("residual_channel", 0))
+
+        def change(batch: torch.Tensor) -> torch.Tensor:
+            return predictor(batch) - batch[:, channel : channel + 1]
+
+        if deadline is not None:
+            stop = Deadline(deadline - reserve_seconds, lambda batch: torch.zeros_like(batch[:, :1]))
+        out = self._tile_with_retries(source, change, tiling, stop)[0]
+        out.add_(iso)
+        if step1_small is not None:
+            for z0, slab in resample_slabs(step1_small, tuple(iso.shape)):
+                out[z0 : z0 + slab.shape[0]].add_(slab)
+        return out
 
     def _tile_with_retries(
         self,
@@ -365,6 +413,44 @@ class FusionPipeline:
             return total / 4
 
         return flipped
+
+
+StageTimer = Callable[[dict[str, float], str, torch.device], contextlib.AbstractContextManager[None]]
+
+
+def to_isotropic(
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    device: torch.device,
+    target_spacing: float,
+    stage: StageTimer,
+    timings: dict[str, float],
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """The method's first step: the volume on ``device``, normalized by its (p2, p99.8) bounds and
+    resampled to ``target_spacing`` isotropic; returns it and the bounds (to map back)."""
+    with stage(timings, "to_device", device):
+        raw = upload(volume, device)
+    with stage(timings, "normalize", device):
+        lo, hi = raw.percentile_bounds()
+    with stage(timings, "resample_in", device):
+        # resampling is linear with unit-sum weights: normalizing after it is the same
+        iso_shape = isotropic_shape(tuple(volume.shape), spacing, target_spacing)
+        iso = resample_to_shape(raw, iso_shape).sub_(lo).div_(hi - lo if hi > lo else 1.0)
+        del raw
+    return iso, (lo, hi)
+
+
+def to_native_uint16(
+    prediction: torch.Tensor,
+    shape: tuple[int, ...],
+    bounds: tuple[float, float],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The method's last step: back to the input's grid, the input's (p2, p99.8) range, uint16."""
+    result = np.empty(shape, dtype=np.uint16) if out is None else out
+    for z0, slab in resample_slabs(prediction, shape):
+        result[z0 : z0 + slab.shape[0]] = _to_uint16(slab, *bounds)
+    return result
 
 
 def out_of_memory_fallbacks(

@@ -239,7 +239,7 @@ def _depth_dependent_blur(
         otf = _transfer(volume.shape, step, surface + t * (deep - surface),
                         params.halo_surface + t * (params.halo_deep - params.halo_surface), params.halo_width_um)
         weight = np.clip(1.0 - np.abs(position - i), 0.0, 1.0)
-        out += weight * np.fft.irfftn(spectrum * otf, s=volume.shape).astype(np.float32)
+        out += weight * np.fft.irfftn(spectrum * otf, s=volume.shape, axes=(0, 1, 2)).astype(np.float32)
     return out
 
 
@@ -264,7 +264,7 @@ def _view(
     emission = emitter * lit
     if core_only:
         blurred = np.fft.irfftn(np.fft.rfftn(emission) * _transfer(emission.shape, step, np.asarray(params.fused_sigma_um),
-                                                                   0.0, 1.0), s=emission.shape).astype(np.float32)
+                                                                   0.0, 1.0), s=emission.shape, axes=(0, 1, 2)).astype(np.float32)
     else:
         blurred = _depth_dependent_blur(emission, depth.astype(np.float32), step, params)
     return blurred * through, depth

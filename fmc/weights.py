@@ -134,9 +134,14 @@ def save_model(path_stem: Path, network: RUNet, card: ModelCard) -> None:
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in network.state_dict().items()}
     metadata = {"format": "pt", "fmc_format_version": str(card.format_version), "step": str(card.step)}
     _atomic_write(stem.with_suffix(WEIGHTS_SUFFIX), lambda p: save_file(tensors, str(p), metadata=metadata))
-    text = json.dumps(dataclasses.asdict(card), indent=2) + "\n"
-    _atomic_write(stem.with_suffix(CARD_SUFFIX), lambda p: p.write_text(text, encoding="utf-8"))
+    write_card(stem.with_suffix(CARD_SUFFIX), card)
     log.info("saved step-%d model (%s) -> %s%s", card.step, card.preset, stem, WEIGHTS_SUFFIX)
+
+
+def write_card(path: Path, card: ModelCard) -> None:
+    """Write a model card as indented JSON, atomically (a reader never sees half a card)."""
+    text = json.dumps(dataclasses.asdict(card), indent=2) + "\n"
+    _atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
 
 
 # -------------------------------------------------------------------------------------------- loading

@@ -63,3 +63,50 @@ def test_max_filter_equals_max_pooling(size, shape):
     batched = volume.reshape(-1, 1, *shape[-3:])
     expected = torch.nn.functional.max_pool3d(batched, size, 1, size // 2).reshape(shape)
     assert torch.equal(max_filter3d(volume, size), expected)
+
+
+def _corner_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """I = 0, O = 0.1 everywhere but 1.0 at the corner voxel of a 3^3 cube."""
+    inp = torch.zeros(3, 3, 3)
+    out = torch.full((3, 3, 3), 0.1)
+    out[0, 0, 0] = 1.0
+    return inp, out
+
+
+def test_released_form_matches_hand_computation():
+    from fmc.difference_weighting import released_difference_weighting_
+
+    inp, out = _corner_case()
+    # D = |I - O| = 0.1, 1.0 at the corner; max filter 3 -> 1.0 on the corner's 2^3 block, 0.1 elsewhere;
+    # no smoothing (sigma 0), grid = the cube (no resampling); p2 = 0.1, p98 = 1.0 -> D = 1 on the
+    # block, 0 elsewhere; I (1 - D) + O D keeps O (not max-filtered) on the block, I elsewhere.
+    expected = torch.zeros(3, 3, 3)
+    expected[:2, :2, :2] = 0.1
+    expected[0, 0, 0] = 1.0
+    result = released_difference_weighting_(inp, out.clone(), grid=3, max_filter=3, sigma=0.0)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+
+
+def test_paper_form_on_the_same_case_blends_the_max_filtered_output():
+    inp, out = _corner_case()
+    # D = |I - maxfilter(O)| = 1.0 on the block, 0.1 elsewhere -> min-max [1, 0]; the blend takes
+    # the max-filtered output (1.0) on the whole block: the two forms differ on 7 voxels.
+    expected = torch.zeros(3, 3, 3)
+    expected[:2, :2, :2] = 1.0
+    torch.testing.assert_close(difference_weighting_(inp, out.clone(), max_filter=3), expected, rtol=0, atol=1e-6)
+
+
+def test_released_weight_map_is_smooth_coarse_and_clipped():
+    from fmc.difference_weighting import gaussian_blur3d, released_difference_weighting_, released_weight_map
+
+    generator = torch.Generator().manual_seed(0)
+    inp = torch.rand(20, 30, 25, generator=generator)
+    out = inp.clone()
+    out[5:8, 10:14, 10:12] += 3.0  # one region changed by the network
+    weight = released_weight_map(inp, out, grid=16, max_filter=3, sigma=1.0)
+    assert weight.shape == (16, 16, 16) and float(weight.min()) == 0.0 and float(weight.max()) == 1.0
+    result = released_difference_weighting_(inp, out.clone(), grid=16, max_filter=3, sigma=1.0)
+    assert torch.allclose(result[0], inp[0], atol=1e-5)  # far from the change: the input
+    assert float(result[6, 12, 11] - inp[6, 12, 11]) > 2.0  # at the change: mostly the output
+    # the Gaussian keeps the sum away from the edges and leaves a constant volume as it is
+    torch.testing.assert_close(gaussian_blur3d(torch.ones(5, 6, 7), 1.5), torch.ones(5, 6, 7))

@@ -83,7 +83,7 @@ def test_identity_networks_reproduce_the_input():
         PipelineConfig(global_size=32, tiling=SMALL_TILING),
         PipelineConfig(global_size=32, step2=False, tiling=SMALL_TILING),
         PipelineConfig(global_size=32, step1=False, tiling=SMALL_TILING),
-        PipelineConfig(global_size=32, difference_weighting=False, tta=True, tiling=SMALL_TILING),
+        PipelineConfig(global_size=32, difference_weighting="none", tta=True, tiling=SMALL_TILING),
     ],
     ids=["two-step", "step1-only", "step2-only", "no-dw-tta"],
 )
@@ -244,7 +244,7 @@ def test_step_two_running_late_gives_its_last_patches_the_step_one_output(caplog
     iso = torch.rand((64, 24, 24), generator=torch.Generator().manual_seed(0))
     slow = SlowAfterTheProbe()
     models = ModelSet(step1=_tiny(1, 1, 0), step2=_loaded(slow, 2, 2), folder=None)
-    config = PipelineConfig(global_size=32, difference_weighting=False, tiling=SMALL_TILING)
+    config = PipelineConfig(global_size=32, difference_weighting="none", tiling=SMALL_TILING)
     deadline = time.perf_counter() + 1.2  # 20 patches in 10 batches would take 2 s
     with caplog.at_level(logging.INFO):
         out = FusionPipeline(models, config).predict_isotropic(iso, deadline=deadline)
@@ -274,7 +274,7 @@ def test_non_finite_network_output_takes_the_input_values_and_is_logged(caplog, 
     network = _loaded(OverflowsInACorner(), step, step)
     models = ModelSet(step1=network if step == 1 else None, step2=network if step == 2 else None, folder=None)
     config = PipelineConfig(
-        step1=step == 1, step2=step == 2, global_size=32, difference_weighting=False, tiling=SMALL_TILING
+        step1=step == 1, step2=step == 2, global_size=32, difference_weighting="none", tiling=SMALL_TILING
     )
     with caplog.at_level(logging.WARNING):
         out, _ = FusionPipeline(models, config).run(volume, (0.6, 0.6, 0.6))

@@ -59,3 +59,25 @@ class Throughput(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+
+
+class LastCheckpoint(L.Callback):
+    """``last.ckpt`` after every validation and at the end of training, whatever the score did.
+
+    Why not ModelCheckpoint's ``save_last``: in this Lightning version it writes last.ckpt only when
+    the monitored score enters the top k at that step, so a run whose score stalls (or ties, as an
+    identity-initialized network's does at first) would resume from an old step.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(str(self.path))  # collective: every rank calls it, rank 0 writes
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fmc.method import DW_FORMS, STEP1_MODES, MethodSettings
+
 STAGES = ("1", "2", "both", "joint")
 CHANNELS = ("nucleus", "membrane")
 
@@ -51,6 +53,9 @@ class FitConfig:
     global_size: int = 224
     patch: int = 128
     flips: bool = True
+    # "correction": step 1 predicts a change added to the 0.6 um input, and every network starts as
+    # the identity, so the untrained pipeline is the resampled input (fmc.method); "output": the paper
+    step1_mode: str = "correction"
 
     # loss
     alpha: float = 1.0  # MAE weight
@@ -65,6 +70,7 @@ class FitConfig:
     disc_levels: int = 4
     disc_conditional: bool = True  # the discriminator also sees the input view
     dw: bool = True  # difference weighting, eq. (2), on the final stage's output before the loss
+    dw_form: str = "paper"  # with dw: "paper" (also before the loss) or "released" (inference only)
     dw_train_max_filter: int = 0  # max filter on O' during training (0 = off; the paper smooths at inference)
     dw_max_filter: int = 3  # max filter used by the inference pipeline (validation, export card)
 
@@ -86,6 +92,7 @@ class FitConfig:
     # validation
     val_fraction: float = 0.2
     val_studies: tuple[int, ...] = ()
+    val_min_id: int = 0  # >0: image ids >= this validate (held-out-family pairs beside the training ones)
     split_csv: str | None = None  # reuse a split.csv instead of making one
     val_every: int = 1  # epochs between validations
     val_max_cases: int = 0  # 0: every validation case
@@ -150,11 +157,25 @@ class FitConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_steps < 0 and self.max_epochs < 0:
             raise ValueError("set --max-steps or --max-epochs: training would never stop")
+        if self.step1_mode not in STEP1_MODES:
+            raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
+        if self.dw_form not in DW_FORMS or self.dw_form == "none":
+            raise ValueError(f"dw_form must be paper or released (use --no-dw for none), got {self.dw_form!r}")
         if self.dw_max_filter < 1 or self.dw_max_filter % 2 == 0:
             raise ValueError(f"dw_max_filter must be odd and >= 1, got {self.dw_max_filter}")
         for channel in (*self.channels, *self.sim_channels):
             if channel not in CHANNELS:
                 raise ValueError(f"unknown channel {channel!r}: use {CHANNELS}")
+
+    def method_settings(self) -> MethodSettings:
+        """The method as the inference pipeline runs this run's model (validation, export card)."""
+        return MethodSettings(
+            difference_weighting=self.dw_form if self.dw else "none",
+            max_filter=self.dw_max_filter,
+            global_size=self.global_size,
+            patch=self.patch,
+            step1_mode=self.step1_mode,
+        )
 
     def cache_dir(self) -> Path:
         """Where the prepared cache lives."""

@@ -39,6 +39,7 @@ def resolve_split(config: FitConfig, cases: list[CachedCase]) -> list[SplitRow]:
             val_fraction=config.val_fraction,
             seed=config.seed,
             val_studies=tuple(config.val_studies),
+            val_min_id=config.val_min_id,
         )
     known = {c.id for c in cases}
     missing = [r.case_id for r in rows if r.case_id not in known]
@@ -119,6 +120,7 @@ class FusionDataModule(L.LightningDataModule):
                 global_size=self.config.global_size,
                 device=device or self.step1_network_device(),
                 autocast=autocast,
+                step1_mode=self.config.step1_mode,
             )
 
     def step1_network_device(self):

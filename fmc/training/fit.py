@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
-from fmc.training.callbacks import Throughput
+from fmc.training.callbacks import LastCheckpoint, Throughput
 from fmc.training.checkpoints import load_checkpoint, step1_from_checkpoint
 from fmc.training.config import FitConfig
 from fmc.training.datamodule import FusionDataModule
@@ -229,10 +229,10 @@ def build_trainer(config: FitConfig, stage: int) -> tuple[L.Trainer, ModelCheckp
         monitor="val/n_ssim",
         mode="max",
         save_top_k=1,
-        save_last=True,
-        # Always last.ckpt, even when a moved run folder is resumed (no last-v1.ckpt beside it).
+        save_last=False,  # LastCheckpoint writes last.ckpt at every validation
         enable_version_counter=False,
     )
+    last = LastCheckpoint(folder / "checkpoints" / "last.ckpt")
     throughput = Throughput(folder / "throughput.json")
     trainer = L.Trainer(
         default_root_dir=str(folder),
@@ -246,7 +246,7 @@ def build_trainer(config: FitConfig, stage: int) -> tuple[L.Trainer, ModelCheckp
         check_val_every_n_epoch=config.val_every,
         num_sanity_val_steps=0,
         logger=build_loggers(config, stage),
-        callbacks=[checkpoint, throughput],
+        callbacks=[checkpoint, last, throughput],
         log_every_n_steps=config.log_every_n_steps,
         benchmark=accelerator == "gpu",
     )
@@ -383,7 +383,7 @@ def run_stage(
         )
     _barrier()
     best = checkpoint.best_model_path or str(find_checkpoint(config, stage, "best") or "")
-    last = checkpoint.last_model_path or str(find_checkpoint(config, stage, "last") or "")
+    last = str(find_checkpoint(config, stage, "last") or "")
     score = checkpoint.best_model_score
     return StageResult(
         stage=stage,

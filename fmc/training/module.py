@@ -48,11 +48,12 @@ def network_config(config: FitConfig, stage: int) -> RUNetConfig:
     """Stage 2 sees [input, step-1 output] when the model has a step 1, else the input alone.
 
     With a step 1, stage 2's global residual is the step-1 output (channel 1), so it starts
-    from step 1's prediction and learns a correction of it.
+    from step 1's prediction and learns a correction of it. In "correction" mode the other
+    networks start as the identity too (zero heads), so the untrained pipeline is the resampled input.
     """
     if stage == 2 and config.step1_enabled:
         return replace(preset(config.preset, in_channels=2), residual_channel=1)
-    return preset(config.preset, in_channels=1)
+    return replace(preset(config.preset, in_channels=1), zero_head=config.step1_mode == "correction")
 
 
 def apply_difference_weighting(inp: torch.Tensor, out: torch.Tensor, max_filter: int = 0) -> torch.Tensor:
@@ -107,6 +108,8 @@ class FusionModule(L.LightningModule):
                 in_channels=d_in, base=self.cfg.disc_base, levels=self.cfg.disc_levels
             )
         self.apply_dw = self.cfg.dw and stage == self.cfg.final_stage()
+        # only the paper's form is differentiable; the released form is applied at inference only
+        self.dw_in_loss = self.apply_dw and self.cfg.dw_form == "paper"
         self.loss_weights = LossWeights(
             alpha=self.cfg.alpha, ssim=self.cfg.w_ssim, pearson=self.cfg.w_pearson, cosine=self.cfg.w_cosine
         )
@@ -136,7 +139,7 @@ class FusionModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Generator output after DW when this stage's output is the model's final one."""
         out = self.generator(x).float()
-        if self.apply_dw:
+        if self.dw_in_loss:
             out = apply_difference_weighting(x[:, :1].float(), out, self.cfg.dw_train_max_filter)
         return out
 
@@ -151,7 +154,10 @@ class FusionModule(L.LightningModule):
         assert self.step1_net is not None
         out1 = self.step1_net(x_glob).float()
         loss1, parts1 = reconstruction_loss(out1, y_glob, self.loss_weights)
-        guide = F.grid_sample(out1, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        change = out1 - x_glob.float() if self.cfg.step1_mode == "correction" else out1
+        guide = F.grid_sample(change, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.cfg.step1_mode == "correction":
+            guide = guide + x_patch.float()
         parts = {f"step1_{k}": v for k, v in parts1.items()}
         return torch.cat([x_patch, guide.to(x_patch.dtype)], dim=1), y_patch, loss1, parts
 
@@ -251,13 +257,15 @@ class FusionModule(L.LightningModule):
             overlap=self.cfg.val_overlap,
             batch=self.cfg.val_batch,
         )
+        settings = self.cfg.method_settings()
         return PipelineConfig(
             kernels=KernelOptions(precision="bf16" if bf16 else "fp32", channels_last=False),
             step1=self.stage == 1 or self.cfg.step1_enabled,
             step2=self.stage == 2,
-            difference_weighting=self.apply_dw,
-            max_filter=self.cfg.dw_max_filter,
-            global_size=self.cfg.global_size,
+            difference_weighting=settings.difference_weighting if self.apply_dw else "none",
+            max_filter=settings.max_filter,
+            step1_mode=settings.step1_mode,
+            global_size=settings.global_size,
             tiling=tiling,
         )
 

@@ -36,8 +36,10 @@ def weights_fingerprint(network: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def outputs_folder(run_dir: Path, fingerprint: str, global_size: int) -> Path:
-    return run_dir / "step2" / "step1_outputs" / f"{fingerprint[:16]}_g{global_size}"
+def outputs_folder(run_dir: Path, fingerprint: str, global_size: int, step1_mode: str = "output") -> Path:
+    """One folder per step-1 weights, global size and way of reaching the 0.6 um grid (fmc.method)."""
+    suffix = "" if step1_mode == "output" else f"_{step1_mode}"
+    return run_dir / "step2" / "step1_outputs" / f"{fingerprint[:16]}_g{global_size}{suffix}"
 
 
 def compute_step1_outputs(
@@ -50,6 +52,7 @@ def compute_step1_outputs(
     global_size: int,
     device: torch.device,
     autocast: str | None = None,
+    step1_mode: str = "output",
 ) -> int:
     """Write ``<folder>/<case id>.npy`` (float16, 0.6 um grid) for each case lacking one; returns how many."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,8 @@ def compute_step1_outputs(
     config = PipelineConfig(
         step1=True,
         step2=False,
-        difference_weighting=False,
+        difference_weighting="none",
+        step1_mode=step1_mode,
         global_size=global_size,
         kernels=KernelOptions(precision=autocast or "fp32", channels_last=False),
     )

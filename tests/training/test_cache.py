@@ -41,7 +41,7 @@ def test_manifest_and_arrays(sim_data: Path, sim_cache: Path) -> None:
         assert case.spacing == pytest.approx(fused.meta.spacing)
         assert case.original_shape == fused.volume.shape
         assert case.iso_shape == isotropic_shape(case.original_shape, case.spacing, 0.6)
-        assert case.study is not None and case.channel in case.id
+        assert case.study == fused.meta.study and case.channel in case.id
         for name in ARRAYS:
             array = case.load(sim_cache, name)
             assert isinstance(array, np.memmap) and array.dtype == np.float16

@@ -66,9 +66,11 @@ def test_exported_model_runs_in_the_pipeline(exported: Path, sim_data: Path) -> 
     models = discover_models(exported, "nucleus", None)
     assert models.step1 is not None and models.step2 is not None
     config = pipeline_config_for(models, overlap=0.0, batch=2, tta=False, device=torch.device("cpu"))
-    assert config.global_size == GLOBAL_SIZE and config.tiling.patch == (PATCH,) * 3
+    assert config.tiling.patch == (PATCH,) * 3
     case = read_case(sim_data / "image_1_nucleus_angle.tif")
     pipeline = FusionPipeline(models, config, "cpu")
+    assert pipeline.settings.global_size == GLOBAL_SIZE  # from the card
+    assert pipeline.settings_sources["global_size"] == "card"
     fused, timings = pipeline.run(case.volume, case.meta.spacing)
     assert fused.shape == case.volume.shape and fused.dtype == np.uint16
     assert "step1" in timings and "step2" in timings
@@ -90,11 +92,18 @@ def test_inference_py_runs_on_exported_weights(exported: Path, sim_data: Path, t
 def test_evaluate_tables_put_the_model_beside_the_baselines(
     exported: Path, sim_data: Path, fit_run: Path, tmp_path: Path
 ) -> None:
+    import shutil
+
+    from fmc.baselines import store_sigmas
+
+    weights = tmp_path / "weights"
+    shutil.copytree(exported, weights)
+    store_sigmas(weights, {"nucleus": 1.25}, {"data": "test"})
     out = tmp_path / "eval"
     args = [
         "evaluate",
         "--weights",
-        str(exported),
+        str(weights),
         "--data",
         str(sim_data),
         "--out",
@@ -108,10 +117,11 @@ def test_evaluate_tables_put_the_model_beside_the_baselines(
     assert "| nucleus | 1 |" in summary  # only the validation id of the run's split.csv
     assert "image_1_nucleus" in (out / "cases.csv").read_text()
     rows = (out / "summary.csv").read_text().splitlines()
-    assert rows[0] == "channel,method,cases,n_ssim_mean,n_ssim_std"
+    assert rows[0] == "channel,method,cases,n_ssim_mean,n_ssim_std,n_ssim_worst"
     methods = {line.split(",")[1]: float(line.split(",")[3]) for line in rows[1:]}
-    assert set(methods) == {"identity", "gaussian", "model"}
+    assert set(methods) == {"identity", "gaussian", "gaussian-tuned", "resample", "model"}
     assert abs(methods["identity"]) < 1e-6
+    assert all(np.isfinite(v) for v in methods.values())  # the sigma stored in the cards was used
 
 
 def test_export_refuses_a_pickled_checkpoint(tmp_path: Path) -> None:

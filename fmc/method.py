@@ -1,0 +1,72 @@
+"""The method's settings that belong to a trained pair of networks, owned by their model card.
+
+Why one typed object: a model trained and validated without difference weighting must not get
+it at inference, and ``train.py evaluate`` and ``inference.py`` must run the same method on the
+same weights. ``train.py export`` writes these settings into the card
+(``card.training["pipeline"]``), the pipeline reads them back, and a command-line flag overrides
+a setting only when it is given (the log says which source each setting came from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+#: Difference weighting, eq. (2): as the paper's text reads, as the authors' released code does
+#: it (FuseMyCells ``evaluation_doublestep``), or not at all.
+DW_FORMS = ("paper", "released", "none")
+#: How step 1's prediction reaches step 2 and the output. "output": the step-1 network's output,
+#: upsampled, is the prediction (the paper). "correction": the step-1 network predicts a change
+#: of its global cube, and that change, upsampled, is added to the 0.6 um input -- so networks
+#: with zero heads give the resampled input exactly, and training can only add to it.
+STEP1_MODES = ("output", "correction")
+DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
+DEFAULT_PATCH = 128
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Settings of the method that a model was trained and validated with."""
+
+    difference_weighting: str = "paper"
+    max_filter: int = 3  # the paper form's max filter on O' (odd; 1 = off)
+    global_size: int = DEFAULT_GLOBAL_SIZE
+    patch: int = DEFAULT_PATCH
+    step1_mode: str = "output"
+
+    def __post_init__(self) -> None:
+        if self.difference_weighting not in DW_FORMS:
+            raise ValueError(f"difference_weighting must be one of {DW_FORMS}, got {self.difference_weighting!r}")
+        if self.step1_mode not in STEP1_MODES:
+            raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
+        if self.max_filter < 1 or self.max_filter % 2 == 0:
+            raise ValueError(f"max_filter must be odd and >= 1, got {self.max_filter}")
+        if self.global_size < 8 or self.patch < 8:
+            raise ValueError(f"global_size and patch must be >= 8, got {self.global_size} and {self.patch}")
+
+    def to_card(self) -> dict[str, Any]:
+        """The JSON the card stores."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_card(cls, stored: dict[str, Any]) -> MethodSettings:
+        """Read a card's settings; cards written before the forms existed stored DW as a bool."""
+        values = {f.name: stored[f.name] for f in dataclasses.fields(cls) if f.name in stored}
+        dw = values.get("difference_weighting")
+        if isinstance(dw, bool):
+            values["difference_weighting"] = "paper" if dw else "none"
+        return cls(**values)
+
+    def override(self, **flags: Any) -> MethodSettings:
+        """These settings with every flag that is not None put in their place."""
+        return dataclasses.replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+    def describe(self, sources: dict[str, str] | None = None) -> str:
+        """One phrase for the log, e.g. ``dw=none (card) max_filter=3 (card) ...``."""
+        sources = sources or {}
+        parts = []
+        for f in dataclasses.fields(self):
+            origin = sources.get(f.name)
+            parts.append(f"{f.name}={getattr(self, f.name)}" + (f" ({origin})" if origin else ""))
+        return " ".join(parts)

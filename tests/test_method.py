@@ -1,0 +1,76 @@
+"""The model card owns the method's settings; flags override them, and the log says which applied."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmc.infer import main
+from fmc.io import read_case, write_volume
+from fmc.method import MethodSettings
+from fmc.network import RUNet, preset
+from fmc.weights import ModelCard, save_model
+
+FAST = ["--device", "cpu", "--patch", "16", "--overlap", "0.25", "--budget-seconds", "0"]
+
+
+def _weights(root: Path, pipeline: dict) -> Path:
+    for step, channels in ((1, 1), (2, 2)):
+        torch.manual_seed(step)
+        config = preset("tiny", in_channels=channels)
+        card = ModelCard(step=step, preset="tiny", config=config.to_dict(), normalization={},
+                         training={"pipeline": pipeline})
+        save_model(root / "any" / f"step{step}", RUNet(config), card)
+    return root
+
+
+def _fuse(tmp: Path, weights: Path, name: str, *flags: str) -> np.ndarray:
+    inputs = tmp / "in"
+    if not inputs.is_dir():
+        inputs.mkdir()
+        rng = np.random.default_rng(0)
+        write_volume(inputs / "image_0_nucleus_angle.tif", rng.integers(100, 4000, (12, 40, 40), dtype=np.uint16),
+                     spacing=(1.0, 0.39, 0.39), channel="nucleus", study=1, style="imagej")
+    out = tmp / name
+    assert main(["--input", str(inputs), "--output", str(out), "--weights", str(weights), *FAST, *flags]) == 0
+    return read_case(out / "image_0_nucleus_angle.tif").volume
+
+
+def test_a_card_without_dw_gives_the_bytes_of_no_dw(tmp_path, caplog):
+    card_off = _weights(tmp_path / "off", {"global_size": 16, "difference_weighting": False})
+    card_default = _weights(tmp_path / "default", {"global_size": 16})
+    with caplog.at_level(logging.INFO):
+        from_card = _fuse(tmp_path, card_off, "card")
+    assert "difference_weighting=none (card)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        from_flag = _fuse(tmp_path, card_default, "flag", "--no-dw")
+    assert "difference_weighting=none (flag)" in caplog.text
+    assert np.array_equal(from_card, from_flag)
+    with_dw = _fuse(tmp_path, card_default, "dw")  # the default card: DW as the paper reads
+    assert not np.array_equal(with_dw, from_flag)
+    assert np.array_equal(_fuse(tmp_path, card_off, "forced", "--dw", "paper"), with_dw)  # a flag wins
+
+
+def test_settings_read_old_and_new_cards_and_refuse_unknown_forms():
+    assert MethodSettings.from_card({}) == MethodSettings()
+    assert MethodSettings.from_card({"difference_weighting": True}).difference_weighting == "paper"
+    assert MethodSettings.from_card({"difference_weighting": False}).difference_weighting == "none"
+    settings = MethodSettings(difference_weighting="released", step1_mode="correction", global_size=64, patch=48)
+    assert MethodSettings.from_card({**settings.to_card(), "step1": True}) == settings  # unknown keys ignored
+    assert settings.override(difference_weighting=None, max_filter=5).max_filter == 5
+    with pytest.raises(ValueError, match="difference_weighting"):
+        MethodSettings(difference_weighting="half")
+    with pytest.raises(ValueError, match="step1_mode"):
+        MethodSettings(step1_mode="sideways")
+    with pytest.raises(ValueError, match="odd"):
+        MethodSettings(max_filter=4)
+
+
+def test_contradicting_dw_flags_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="contradicts"):
+        main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--no-dw", "--dw", "paper"])
