@@ -1,4 +1,4 @@
-"""fmc-train entry point: ``python train.py prepare | fit | export | evaluate`` (see ``--help``)."""
+"""fmc-train entry point: ``python train.py prepare | fit | export | evaluate | table`` (see ``--help``)."""
 
 import sys
 

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fmc.baselines import BASELINES, baseline_prediction
 from fmc.io import CaseError, list_cases, read_case
-from fmc.metrics import gaussian_baseline, iou_proxy_scores, ssim_scores
+from fmc.metrics import iou_proxy_scores, ssim_scores
 
 log = logging.getLogger(__name__)
-
-BASELINES = ("identity", "gaussian")
 #: CSV columns, in order; one row per scored case.
 COLUMNS = (
     "case",
@@ -66,7 +65,12 @@ class FolderEvaluation:
 
 
 def _score_case(
-    input_path: Path, gt_dir: Path, pred_dir: Path | None, baseline: str | None, device: object
+    input_path: Path,
+    gt_dir: Path,
+    pred_dir: Path | None,
+    baseline: str | None,
+    device: object,
+    sigmas: dict[str, float] | None = None,
 ) -> dict:
     """Score one input file; raises CaseError (with the file's name) when it cannot be scored."""
     start = time.perf_counter()
@@ -76,10 +80,11 @@ def _score_case(
     inp = read_case(input_path)
     gt = read_case(gt_path)
     channel = inp.meta.channel if inp.meta.channel != "unknown" else gt.meta.channel
-    if baseline == "identity":
-        pred_volume = inp.volume
-    elif baseline == "gaussian":
-        pred_volume = gaussian_baseline(inp.volume, channel)
+    if baseline is not None:
+        sigma = (sigmas or {}).get(channel)
+        if baseline == "gaussian-tuned" and sigma is None:
+            raise CaseError(input_path, f"no tuned sigma for the {channel} channel: give --sigma or --weights")
+        pred_volume = baseline_prediction(baseline, inp.volume, channel, inp.meta.spacing, sigma)
     else:
         assert pred_dir is not None
         pred_path = pred_dir / input_path.name
@@ -128,10 +133,12 @@ def run_evaluation(
     pred_dir: Path | str | None = None,
     baseline: str | None = None,
     device: object = None,
+    sigmas: dict[str, float] | None = None,
 ) -> FolderEvaluation:
     """Score every input in ``input_dir``; unscorable cases are listed in ``problems``, never fatal.
 
-    ``baseline`` ("identity" or "gaussian") scores that baseline instead of ``pred_dir``.
+    ``baseline`` (one of :data:`fmc.baselines.BASELINES`) scores that baseline instead of
+    ``pred_dir``; ``sigmas`` (per channel, voxels) are the gaussian-tuned baseline's.
     ``device``: None/"auto" (CUDA if available, else scipy), "cpu" (scipy), "cuda", or a torch device.
     """
     if baseline is not None and baseline not in BASELINES:
@@ -153,7 +160,7 @@ def run_evaluation(
     start = time.perf_counter()
     for path in inputs:
         try:
-            result.rows.append(_score_case(path, gt_dir, pred_dir, baseline, device))
+            result.rows.append(_score_case(path, gt_dir, pred_dir, baseline, device, sigmas))
         except CaseError as exc:
             log.error("not scored: %s", exc)
             result.problems.append(str(exc))
@@ -243,8 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         choices=BASELINES,
         default=None,
-        help="score a baseline instead of --pred: identity (the input itself, N_SSIM 0) or gaussian "
-        "(sigma 0.442 nucleus / 0.5 membrane voxels)",
+        help="score a baseline instead of --pred: identity (the input itself, N_SSIM 0), gaussian "
+        "(sigma 0.442 nucleus / 0.5 membrane voxels), gaussian-tuned (the sigma fitted on training pairs: "
+        "--sigma, or the cards of --weights), resample (to 0.6 um isotropic and back, the pipeline's own steps)",
+    )
+    parser.add_argument(
+        "--sigma", type=float, default=None, help="gaussian-tuned: this sigma (voxels) for every channel"
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="gaussian-tuned: read the per-channel sigma from these weights' cards (default: the weights "
+        "inference.py would use)",
     )
     parser.add_argument(
         "--device",
@@ -261,6 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tuned_sigmas(sigma: float | None, weights: Path | None) -> dict[str, float]:
+    """The gaussian-tuned sigma per channel: the flag's for every channel, else the model cards'."""
+    if sigma is not None:
+        return {"nucleus": sigma, "membrane": sigma, "unknown": sigma}
+    from fmc.baselines import stored_sigma
+    from fmc.weights import WeightsError, discover_models
+
+    sigmas: dict[str, float] = {}
+    for channel in ("nucleus", "membrane"):
+        try:
+            models = discover_models(weights, channel, None)
+        except WeightsError as error:
+            log.warning("no weights to read the %s sigma from: %s", channel, error)
+            continue
+        for loaded in (models.step2, models.step1):
+            value = None if loaded is None else stored_sigma(loaded.card.training, channel)
+            if value is not None:
+                sigmas[channel] = value
+                break
+    return sigmas
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; exit 0 when at least one case was scored, 1 otherwise, 2 on bad arguments."""
     parser = build_parser()
@@ -274,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         force=True,
     )
     start = time.perf_counter()
-    result = run_evaluation(args.input, args.gt, args.pred, args.baseline, args.device)
+    sigmas = _tuned_sigmas(args.sigma, args.weights) if args.baseline == "gaussian-tuned" else None
+    result = run_evaluation(args.input, args.gt, args.pred, args.baseline, args.device, sigmas)
     if result.rows:
         what = f"baseline: {args.baseline}" if args.baseline else f"predictions: {args.pred}"
         print(f"N_SSIM evaluation ({what})")

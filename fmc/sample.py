@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from fmc import infer
+from fmc.baselines import baseline_prediction, stored_sigma
 from fmc.io import read_case
-from fmc.metrics import gaussian_baseline, n_ssim
+from fmc.metrics import n_ssim
 from fmc.simulate import make_sample_case
+from fmc.weights import WeightsError, discover_models
 
 log = logging.getLogger("fmc.sample")
 
@@ -70,11 +72,29 @@ def main(argv: list[str] | None = None) -> int:
         inp = read_case(angle)
         gt = read_case(truth).volume
         pred = read_case(output_dir / angle.name).volume
-        model_score = n_ssim(pred, gt, inp.volume)
-        gauss_score = n_ssim(gaussian_baseline(inp.volume, inp.meta.channel), gt, inp.volume)
-        print(f"{angle.name}: N_SSIM model={model_score:+.4f}  gaussian baseline={gauss_score:+.4f}")
+        channel = inp.meta.channel
+        scores = {"model": n_ssim(pred, gt, inp.volume)}
+        sigma = _tuned_sigma(args.weights, channel, inp.meta.study)
+        for name in ("gaussian", "gaussian-tuned", "resample"):
+            if name == "gaussian-tuned" and sigma is None:
+                continue
+            guess = baseline_prediction(name, inp.volume, channel, inp.meta.spacing, sigma)
+            scores[name] = n_ssim(guess, gt, inp.volume)
+        print(f"{angle.name}: N_SSIM " + "  ".join(f"{k}={v:+.4f}" for k, v in scores.items()))
     print(f"outputs and previews in {output_dir}")
     return 0
+
+
+def _tuned_sigma(weights: Path | None, channel: str, study: int | None) -> float | None:
+    """The gaussian-tuned sigma stored with the weights inference used (None when there is none)."""
+    try:
+        models = discover_models(weights, channel, study)
+    except WeightsError:
+        return None
+    for loaded in (models.step2, models.step1):
+        if loaded is not None and stored_sigma(loaded.card.training, channel) is not None:
+            return stored_sigma(loaded.card.training, channel)
+    return None
 
 
 if __name__ == "__main__":

@@ -106,6 +106,28 @@ def test_baselines_need_no_predictions(folders: dict[str, Path]) -> None:
         assert row["n_ssim"] == pytest.approx(expected, abs=1e-12)
 
 
+def test_resample_and_tuned_baselines(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from fmc.baselines import gaussian_tuned, resample_baseline
+
+    resample = evaluate.evaluate_folder(folders["input"], folders["gt"], baseline="resample", device="cpu")
+    tuned = evaluate.run_evaluation(
+        folders["input"], folders["gt"], baseline="gaussian-tuned", device="cpu", sigmas={"nucleus": 1.2}
+    )
+    assert tuned.problems == [
+        "image_3_membrane_angle.tif: no tuned sigma for the membrane channel: give --sigma or --weights"
+    ]
+    for n in (1, 2):
+        _, gt, inp = _volumes(folders, n)
+        row = next(r for r in resample if r["case"].startswith(f"image_{n}_"))
+        expected = n_ssim(resample_baseline(inp, (1.0, 0.195, 0.195)), gt, inp, device="scipy")
+        assert row["n_ssim"] == pytest.approx(expected, abs=1e-12)
+        row = next(r for r in tuned.rows if r["case"].startswith(f"image_{n}_"))
+        assert row["n_ssim"] == pytest.approx(n_ssim(gaussian_tuned(inp, 1.2), gt, inp, device="scipy"), abs=1e-12)
+    argv = ["--input", str(folders["input"]), "--gt", str(folders["gt"]), "--baseline", "gaussian-tuned"]
+    assert evaluate.main([*argv, "--sigma", "0.8", "--device", "cpu"]) == 0
+    assert "baseline: gaussian-tuned" in capsys.readouterr().out
+
+
 def test_missing_pairs_are_reported_by_name(
     folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

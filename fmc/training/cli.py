@@ -1,4 +1,4 @@
-"""``train.py``: prepare | fit | export | evaluate (the fmc-train image's entry point).
+"""``train.py``: prepare | fit | export | evaluate | table (the fmc-train image's entry point).
 
 ``fit`` flags are generated from :class:`fmc.training.config.FitConfig`, one per field, so
 the typed config and the command line cannot drift apart. A flag left out keeps the
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_wrapped(
             "Train the two-step RUNet fusion model (FuseMyCells): prepare a cache from image pairs, fit with "
             "Lightning (one GPU, many GPUs or CPU), export safetensors weights for inference.py, evaluate "
-            "them against the identity and Gaussian baselines."
+            "them against the baselines (identity, Gaussian, tuned Gaussian, resampling) and make the quality table."
         ),
         epilog=DOCKER_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -261,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--dw", choices=DW_FORMS, default=None, help="DW form instead of the card's: paper | released | none"
     )
     ev.add_argument("--no-step2", action="store_true", help="step 1 alone (the step-1 rows of the table)")
+
+    table = sub.add_parser(
+        "table",
+        parents=[common],
+        help="the quality table (README, model card): baselines and model variants per channel and family",
+        description=(
+            "Score the baselines (identity, gaussian, gaussian-tuned, resample) and the model's variants "
+            "(step 1, two steps, each DW form) on one or more folders of pairs, e.g. the training family "
+            "and the held-out family. Writes cases.csv and table.md: mean (worst case) N_SSIM."
+        ),
+        formatter_class=fmt,
+    )
+    table.add_argument("--weights", type=Path, required=True, help="weights root (as inference.py --weights)")
+    table.add_argument(
+        "--data", nargs="+", required=True, metavar="FAMILY=DIR", help="folders of pairs, each named by its family"
+    )
+    table.add_argument("--out", type=Path, default=Path("quality"), help="folder for cases.csv and table.md")
+    table.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    table.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
     return parser
 
 
@@ -343,6 +362,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    import torch
+
+    from fmc.training.cache import resolve_device
+    from fmc.training.quality_table import score_family, write
+
+    rows = []
+    for item in args.data:
+        family, _, folder = item.rpartition("=")
+        if not family:
+            raise SystemExit(f"--data {item}: give FAMILY=DIR, e.g. held-out=runs/heldout")
+        rows += score_family(args.weights, Path(folder), family, torch.device(resolve_device(args.device)), args.overlap)
+    print(write(args.out, rows), end="")
+    print(f"tables in {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -351,7 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,
     )
-    commands = {"prepare": cmd_prepare, "fit": cmd_fit, "export": cmd_export, "evaluate": cmd_evaluate}
+    commands = {
+        "prepare": cmd_prepare,
+        "fit": cmd_fit,
+        "export": cmd_export,
+        "evaluate": cmd_evaluate,
+        "table": cmd_table,
+    }
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:
