@@ -304,8 +304,9 @@ class FusionPipeline:
             if deadline is not None:
                 stop = Deadline(deadline - reserve_seconds, source.step_one_channel)
             return self._tile_with_retries(source, predictor, tiling, stop)[0]
-        # "correction": blend only what the network changes, then add what it started from (the
-        # input plus step 1's change) -- zero heads leave the input exactly, to the last bit.
+        # "correction": blend only what the network changes, then add what it started from (its
+        # residual channel: the input, or the input plus step 1's change) -- zero heads leave that
+        # exactly, to the last bit.
         channel = int(self.step2_model.card.config.get("residual_channel", 0))
 
         def change(batch: torch.Tensor) -> torch.Tensor:
@@ -315,7 +316,7 @@ class FusionPipeline:
             stop = Deadline(deadline - reserve_seconds, lambda batch: torch.zeros_like(batch[:, :1]))
         out = self._tile_with_retries(source, change, tiling, stop)[0]
         out.add_(iso)
-        if step1_small is not None:
+        if step1_small is not None and channel == 1:
             for z0, slab in resample_slabs(step1_small, tuple(iso.shape)):
                 out[z0 : z0 + slab.shape[0]].add_(slab)
         return out

@@ -25,14 +25,12 @@ def _volume(shape=(20, 48, 44), seed=0) -> np.ndarray:
     return (1000 + 4000 * smooth + rng.normal(scale=30, size=shape)).clip(0, 65535).astype(np.uint16)
 
 
-def _untrained_correction_models(dw: str) -> ModelSet:
+def _untrained_correction_models(dw: str, step2_residual: int = 1) -> ModelSet:
     """Networks as ``train.py fit --step1-mode correction`` starts them: zero heads."""
     pipeline = {"step1_mode": "correction", "difference_weighting": dw, "global_size": 16, "patch": 16}
+    step2 = replace(preset("tiny", in_channels=2), residual_channel=step2_residual, zero_head=True)
     models = []
-    for step, config in (
-        (1, replace(preset("tiny", in_channels=1), zero_head=True)),
-        (2, replace(preset("tiny", in_channels=2), residual_channel=1)),
-    ):
+    for step, config in ((1, replace(preset("tiny", in_channels=1), zero_head=True)), (2, step2)):
         torch.manual_seed(step)
         card = ModelCard(step=step, preset="tiny", config=config.to_dict(), normalization={},
                          training={"pipeline": pipeline})
@@ -41,16 +39,30 @@ def _untrained_correction_models(dw: str) -> ModelSet:
 
 
 @pytest.mark.parametrize("dw", ["none", "released"])
-def test_untrained_correction_pipeline_equals_the_resample_baseline_to_the_last_bit(dw):
+@pytest.mark.parametrize("step2_residual", [0, 1])
+def test_untrained_correction_pipeline_equals_the_resample_baseline_to_the_last_bit(dw, step2_residual):
     volume = _volume()
     tiling = TilingConfig(patch=(16, 16, 16), overlap=0.5, batch=2)
-    pipeline = FusionPipeline(_untrained_correction_models(dw), PipelineConfig(tiling=tiling))
+    models = _untrained_correction_models(dw, step2_residual)
+    pipeline = FusionPipeline(models, PipelineConfig(tiling=tiling))
     assert pipeline.correction and pipeline.settings.difference_weighting == dw
     fused, timings = pipeline.run(volume, SPACING)
     assert "step1" in timings and "step2" in timings  # both networks ran
     expected = resample_baseline(volume, SPACING)
     assert np.array_equal(fused, expected)
     assert not np.array_equal(expected, volume)  # resampling does change the volume
+
+
+def test_step_two_on_the_input_ignores_a_trained_step_one_until_it_is_trained():
+    """Residual on channel 0: step 1's output is context only, so an untrained step 2 still gives
+    the resample baseline however step 1 was trained."""
+    models = _untrained_correction_models("none", step2_residual=0)
+    torch.nn.init.constant_(models.step1.network.head.bias, 0.05)
+    pipeline = FusionPipeline(models, PipelineConfig(tiling=TilingConfig(patch=(16, 16, 16), batch=2)))
+    volume = _volume()
+    assert np.array_equal(pipeline.run(volume, SPACING)[0], resample_baseline(volume, SPACING))
+    step1_only = FusionPipeline(models, PipelineConfig(step2=False))
+    assert not np.array_equal(step1_only.run(volume, SPACING)[0], resample_baseline(volume, SPACING))
 
 
 def test_a_trained_step_changes_the_correction_pipeline():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fmc.method import DW_FORMS, STEP1_MODES
-from fmc.training.config import ABLATIONS, CHANNELS, STAGES, FitConfig, resolve_config
+from fmc.training.config import ABLATIONS, CHANNELS, STAGES, STEP2_RESIDUALS, FitConfig, resolve_config
 
 log = logging.getLogger("fmc.train")
 
@@ -56,6 +56,8 @@ FIT_HELP: dict[str, str] = {
     "disc_levels": "discriminator levels",
     "disc_conditional": "discriminator also sees the input view",
     "dw": "difference weighting, eq. (2), on the final stage's output before the loss",
+    "step2_residual": "what step 2 corrects: input (untrained = the resampled input; step 1 is context) or "
+    "step1 (the step-1 prediction)",
     "dw_form": "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
     "inference only)",
     "dw_train_max_filter": "max-filter size on O' during training (0 = off)",
@@ -106,6 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": ("cosine", "constant"),
     "val_mode": ("iso", "full"),
     "step1_mode": STEP1_MODES,
+    "step2_residual": STEP2_RESIDUALS,
     "dw_form": ("paper", "released"),
     "accelerator": ("auto", "cpu", "gpu"),
     "sim_channels": CHANNELS,

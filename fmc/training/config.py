@@ -16,6 +16,7 @@ from typing import Any
 from fmc.method import DW_FORMS, STEP1_MODES, MethodSettings
 
 STAGES = ("1", "2", "both", "joint")
+STEP2_RESIDUALS = ("input", "step1")
 CHANNELS = ("nucleus", "membrane")
 
 # Table 1 of Wodzinski & Mueller (ISBI 2025): which parts of the method are switched on.
@@ -56,6 +57,9 @@ class FitConfig:
     # "correction": step 1 predicts a change added to the 0.6 um input, and every network starts as
     # the identity, so the untrained pipeline is the resampled input (fmc.method); "output": the paper
     step1_mode: str = "correction"
+    # the prediction step 2 corrects: "input" (channel 0: untrained = the resampled input, step 1 is
+    # context) or "step1" (channel 1, the step-1 prediction)
+    step2_residual: str = "input"
 
     # loss
     alpha: float = 1.0  # MAE weight
@@ -157,6 +161,8 @@ class FitConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_steps < 0 and self.max_epochs < 0:
             raise ValueError("set --max-steps or --max-epochs: training would never stop")
+        if self.step2_residual not in STEP2_RESIDUALS:
+            raise ValueError(f"step2_residual must be one of {STEP2_RESIDUALS}, got {self.step2_residual!r}")
         if self.step1_mode not in STEP1_MODES:
             raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
         if self.dw_form not in DW_FORMS or self.dw_form == "none":

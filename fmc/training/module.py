@@ -47,11 +47,14 @@ NORMALIZATION = {"method": "percentile", "low": 2.0, "high": 99.8}
 def network_config(config: FitConfig, stage: int) -> RUNetConfig:
     """Stage 2 sees [input, step-1 output] when the model has a step 1, else the input alone.
 
-    With a step 1, stage 2's global residual is the step-1 output (channel 1), so it starts
-    from step 1's prediction and learns a correction of it. In "correction" mode the other
-    networks start as the identity too (zero heads), so the untrained pipeline is the resampled input.
+    With a step 1, stage 2's global residual is the step-1 output (channel 1, ``--step2-residual
+    step1``) or the input (channel 0, ``input``); either way its head starts at zero, so it starts
+    from that prediction. In "correction" mode step 1 starts as the identity too, so the untrained
+    pipeline is the resampled input.
     """
     if stage == 2 and config.step1_enabled:
+        if config.step2_residual == "input":
+            return replace(preset(config.preset, in_channels=2), residual_channel=0, zero_head=True)
         return replace(preset(config.preset, in_channels=2), residual_channel=1)
     return replace(preset(config.preset, in_channels=1), zero_head=config.step1_mode == "correction")
 
