@@ -18,9 +18,10 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,10 @@ def _untimed(timings: dict[str, float], name: str, device: torch.device) -> Iter
 
 
 def resample_baseline(
-    volume: np.ndarray, spacing: Sequence[float], device: torch.device | str = "cpu", target_spacing: float = 0.6
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    device: torch.device | str = "cpu",
+    target_spacing: float = 0.6,
 ) -> np.ndarray:
     """To ``target_spacing`` isotropic and back with the pipeline's own steps; uint16 like its output."""
     from fmc.pipeline import to_isotropic, to_native_uint16
@@ -56,7 +60,9 @@ def resample_baseline(
 
 def gaussian_tuned(volume: np.ndarray, sigma: float) -> np.ndarray:
     """The input blurred by one isotropic Gaussian of ``sigma`` voxels (float32)."""
-    return ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma=float(sigma), output=np.float32)
+    return ndimage.gaussian_filter(
+        np.asarray(volume, dtype=np.float32), sigma=float(sigma), output=np.float32
+    )
 
 
 def baseline_prediction(
@@ -95,7 +101,9 @@ def fit_sigma(
 
     def score(sigma: float) -> float:
         if sigma not in cache:
-            cache[sigma] = float(np.mean([n_ssim(gaussian_tuned(i, sigma), t, i, device="scipy") for i, t in pairs]))
+            cache[sigma] = float(
+                np.mean([n_ssim(gaussian_tuned(i, sigma), t, i, device="scipy") for i, t in pairs])
+            )
             log.debug("sigma %.4f: mean N_SSIM %.4f", sigma, cache[sigma])
         return cache[sigma]
 
@@ -135,6 +143,17 @@ def stored_sigma(training: dict, channel: str) -> float | None:
     return None if value is None else float(value)
 
 
+def sigma_of_models(models: Iterable[Any], channel: str) -> float | None:
+    """The tuned sigma stored with the first of these loaded models (fmc.weights.LoadedModel or None)
+    whose card holds one for ``channel``."""
+    for loaded in models:
+        if loaded is not None:
+            sigma = stored_sigma(loaded.card.training, channel)
+            if sigma is not None:
+                return sigma
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: fit the tuned sigma per channel on a folder of pairs and store it in the model cards."""
     from fmc.io import read_case
@@ -146,13 +165,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Fit the gaussian-tuned baseline: one sigma per channel (voxels) that maximizes mean "
         "N_SSIM on training pairs, and store it in the model cards under --weights.",
     )
-    parser.add_argument("--data", type=Path, required=True, help="folder of image_{N}_{channel}_{angle|fused}.tif")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="folder of image_{N}_{channel}_{angle|fused}.tif"
+    )
     parser.add_argument("--weights", type=Path, default=None, help="model folder whose cards get the sigmas")
-    parser.add_argument("--split-csv", type=Path, default=None, help="a run's split.csv: fit on its train subset")
+    parser.add_argument(
+        "--split-csv", type=Path, default=None, help="a run's split.csv: fit on its train subset"
+    )
     parser.add_argument("--max-cases", type=int, default=16, help="pairs per channel to fit on (default 16)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     pairs = find_pairs(args.data).pairs
     if args.split_csv is not None:
         train = {r.case_id for r in read_split(args.split_csv) if r.subset == "train"}
@@ -171,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no pairs in {args.data}", file=sys.stderr)
         return 1
     if args.weights is not None:
-        fitted_on = {"data": str(args.data), "split": str(args.split_csv) if args.split_csv else None, "pairs": counts}
+        fitted_on = {
+            "data": str(args.data),
+            "split": str(args.split_csv) if args.split_csv else None,
+            "pairs": counts,
+        }
         for path in store_sigmas(args.weights, sigmas, fitted_on):
             print(f"stored in {path}")
     print(json.dumps(sigmas))

@@ -123,7 +123,7 @@ def gaussian_blur3d(volume: torch.Tensor, sigma: float, truncate: float = 4.0) -
     """Separable Gaussian of a (Z, Y, X) tensor, replicated edges; ``sigma`` 0 returns a copy."""
     if sigma <= 0:
         return volume.clone()
-    radius = max(1, int(math.ceil(truncate * sigma)))
+    radius = max(1, math.ceil(truncate * sigma))
     taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=volume.device)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
     kernel = kernel / kernel.sum()

@@ -83,7 +83,9 @@ def _score_case(
     if baseline is not None:
         sigma = (sigmas or {}).get(channel)
         if baseline == "gaussian-tuned" and sigma is None:
-            raise CaseError(input_path, f"no tuned sigma for the {channel} channel: give --sigma or --weights")
+            raise CaseError(
+                input_path, f"no tuned sigma for the {channel} channel: give --sigma or --weights"
+            )
         pred_volume = baseline_prediction(baseline, inp.volume, channel, inp.meta.spacing, sigma)
     else:
         assert pred_dir is not None
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="score a baseline instead of --pred: identity (the input itself, N_SSIM 0), gaussian "
         "(sigma 0.442 nucleus / 0.5 membrane voxels), gaussian-tuned (the sigma fitted on training pairs: "
-        "--sigma, or the cards of --weights), resample (to 0.6 um isotropic and back, the pipeline's own steps)",
+        "--sigma, or the cards of --weights), resample (to 0.6 um isotropic and back, nothing between)",
     )
     parser.add_argument(
         "--sigma", type=float, default=None, help="gaussian-tuned: this sigma (voxels) for every channel"
@@ -283,7 +285,7 @@ def _tuned_sigmas(sigma: float | None, weights: Path | None) -> dict[str, float]
     """The gaussian-tuned sigma per channel: the flag's for every channel, else the model cards'."""
     if sigma is not None:
         return {"nucleus": sigma, "membrane": sigma, "unknown": sigma}
-    from fmc.baselines import stored_sigma
+    from fmc.baselines import sigma_of_models
     from fmc.weights import WeightsError, discover_models
 
     sigmas: dict[str, float] = {}
@@ -293,11 +295,9 @@ def _tuned_sigmas(sigma: float | None, weights: Path | None) -> dict[str, float]
         except WeightsError as error:
             log.warning("no weights to read the %s sigma from: %s", channel, error)
             continue
-        for loaded in (models.step2, models.step1):
-            value = None if loaded is None else stored_sigma(loaded.card.training, channel)
-            if value is not None:
-                sigmas[channel] = value
-                break
+        sigma = sigma_of_models((models.step2, models.step1), channel)
+        if sigma is not None:
+            sigmas[channel] = sigma
     return sigmas
 
 

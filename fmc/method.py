@@ -37,7 +37,9 @@ class MethodSettings:
 
     def __post_init__(self) -> None:
         if self.difference_weighting not in DW_FORMS:
-            raise ValueError(f"difference_weighting must be one of {DW_FORMS}, got {self.difference_weighting!r}")
+            raise ValueError(
+                f"difference_weighting must be one of {DW_FORMS}, got {self.difference_weighting!r}"
+            )
         if self.step1_mode not in STEP1_MODES:
             raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
         if self.max_filter < 1 or self.max_filter % 2 == 0:

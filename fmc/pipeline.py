@@ -77,8 +77,10 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
     for loaded in (models.step1, models.step2):
         if loaded is not None:
             stored.update(loaded.card.training.get("pipeline", {}))
-    sources = {name: ("flag" if flags.get(name) is not None else "card" if name in stored else "default")
-               for name in MethodSettings.__dataclass_fields__}
+    sources = {
+        name: ("flag" if flags.get(name) is not None else "card" if name in stored else "default")
+        for name in MethodSettings.__dataclass_fields__
+    }
     return card_settings(models).override(**flags), sources
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from fmc import infer
-from fmc.baselines import baseline_prediction, stored_sigma
+from fmc.baselines import baseline_prediction, sigma_of_models
 from fmc.io import read_case
 from fmc.metrics import n_ssim
 from fmc.simulate import make_sample_case
@@ -91,10 +91,7 @@ def _tuned_sigma(weights: Path | None, channel: str, study: int | None) -> float
         models = discover_models(weights, channel, study)
     except WeightsError:
         return None
-    for loaded in (models.step2, models.step1):
-        if loaded is not None and stored_sigma(loaded.card.training, channel) is not None:
-            return stored_sigma(loaded.card.training, channel)
-    return None
+    return sigma_of_models((models.step2, models.step1), channel)
 
 
 if __name__ == "__main__":

@@ -511,8 +511,10 @@ def _illumination_profile(params: SimulationParams, rng: np.random.Generator) ->
         v = _axis_fraction(params, other, False) * 2.0 - 1.0
         profile = np.exp(-2.0 * (v / np.float32(params.beam_height_fraction)) ** 2)
     if params.uneven_illumination > 0:
-        coarse = tuple(max(2, int(math.ceil(n * s / params.uneven_scale_um)) + 1) for n, s in
-                       zip(params.shape, params.spacing, strict=True))
+        coarse = tuple(
+            max(2, math.ceil(n * s / params.uneven_scale_um) + 1)
+            for n, s in zip(params.shape, params.spacing, strict=True)
+        )
         field = rng.standard_normal(coarse).astype(np.float32)
         zoom = [n / c for n, c in zip(params.shape, coarse, strict=True)]
         smooth = ndimage.zoom(field, zoom, order=3, mode="nearest", grid_mode=True)

@@ -45,7 +45,12 @@ Vec3 = tuple[float, float, float]
 Shape3 = tuple[int, int, int]
 
 #: The spacings this family draws from: the studies' own and random ones (um, z y x).
-_STUDY_SPACINGS: tuple[Vec3, ...] = ((1.0, 0.195, 0.195), (1.0, 0.39, 0.39), (3.0, 0.33, 0.33), (1.01, 0.388, 0.388))
+_STUDY_SPACINGS: tuple[Vec3, ...] = (
+    (1.0, 0.195, 0.195),
+    (1.0, 0.39, 0.39),
+    (3.0, 0.33, 0.33),
+    (1.01, 0.388, 0.388),
+)
 _MEMBRANE_STUDY_SPACINGS: tuple[Vec3, ...] = ((1.0, 0.195, 0.195), (1.0, 0.39, 0.39))
 
 
@@ -111,8 +116,11 @@ def draw_params(rng: np.random.Generator, channel: str, shape: Shape3) -> HeldOu
         membrane_width_um=float(rng.uniform(0.2, 0.4)),
         fused_sigma_um=(axial, lateral, lateral),
         view_sigma_surface_um=(surface_ax, lateral + 0.05, lateral + 0.05),
-        view_sigma_deep_um=(surface_ax + float(rng.uniform(1.0, 3.0)), lateral + float(rng.uniform(0.3, 1.0)),
-                            lateral + float(rng.uniform(0.3, 1.0))),
+        view_sigma_deep_um=(
+            surface_ax + float(rng.uniform(1.0, 3.0)),
+            lateral + float(rng.uniform(0.3, 1.0)),
+            lateral + float(rng.uniform(0.3, 1.0)),
+        ),
         halo_surface=float(rng.uniform(0.05, 0.2)),
         halo_deep=float(rng.uniform(0.25, 0.6)),
         halo_width_um=float(rng.uniform(1.0, 4.0)),
@@ -133,7 +141,7 @@ def draw_params(rng: np.random.Generator, channel: str, shape: Shape3) -> HeldOu
 
 def _fine_grid(params: HeldOutParams) -> tuple[int, float]:
     """Planes per z step and the fine z step: thin structures are rendered below the z step."""
-    factor = max(1, int(math.ceil(params.spacing[0] / 0.75)))
+    factor = max(1, math.ceil(params.spacing[0] / 0.75))
     return factor, params.spacing[0] / factor
 
 
@@ -143,7 +151,9 @@ def _smooth_field(rng: np.random.Generator, shape: Shape3, scale_vox: Vec3) -> n
     return field / max(float(field.std()), 1e-6)
 
 
-def _dart_seeds(rng: np.random.Generator, extent: np.ndarray, distance: float, tries: int = 20000) -> np.ndarray:
+def _dart_seeds(
+    rng: np.random.Generator, extent: np.ndarray, distance: float, tries: int = 20000
+) -> np.ndarray:
     """Random points in a box kept ``distance`` apart (dart throwing with a k-d tree rebuilt in rounds)."""
     points = np.empty((0, 3))
     for _ in range(8):
@@ -169,7 +179,9 @@ def render_object(params: HeldOutParams, rng: np.random.Generator) -> tuple[np.n
     extent = np.asarray(shape) * step
     centre = extent / 2
     radii = centre * params.specimen_fill * np.exp(0.1 * rng.standard_normal(3))
-    z, y, x = (((np.arange(n) + 0.5) * s - c).astype(np.float32) for n, s, c in zip(shape, step, centre, strict=True))
+    z, y, x = (
+        ((np.arange(n) + 0.5) * s - c).astype(np.float32) for n, s, c in zip(shape, step, centre, strict=True)
+    )
     z, y, x = z[:, None, None], y[None, :, None], x[None, None, :]
     wave = _smooth_field(rng, shape, tuple(8.0 / s for s in step))
     level = np.sqrt((z / radii[0]) ** 2 + (y / radii[1]) ** 2 + (x / radii[2]) ** 2) * (
@@ -183,8 +195,10 @@ def render_object(params: HeldOutParams, rng: np.random.Generator) -> tuple[np.n
     if len(seeds) < 3:
         seeds = centre + rng.uniform(-0.3, 0.3, (3, 3)) * radii
     tree = cKDTree(seeds)
-    coords = np.stack(np.meshgrid(*(((np.arange(n) + 0.5) * s) for n, s in zip(shape, step, strict=True)),
-                                  indexing="ij"), -1).reshape(-1, 3)
+    coords = np.stack(
+        np.meshgrid(*(((np.arange(n) + 0.5) * s) for n, s in zip(shape, step, strict=True)), indexing="ij"),
+        -1,
+    ).reshape(-1, 3)
     dist, label = tree.query(coords, k=2)
     d1 = dist[:, 0].reshape(shape).astype(np.float32)
     gap = (dist[:, 1] - dist[:, 0]).reshape(shape).astype(np.float32)
@@ -199,7 +213,9 @@ def render_object(params: HeldOutParams, rng: np.random.Generator) -> tuple[np.n
         r = d1 / radius_per_cell[nearest] * (1 + params.blob_strength * blob)
         nuclear = (r < 1.0).astype(np.float32)
         nucleolus = ((r < 0.3) & (texture > 0.5)).astype(np.float32)
-        emitter = nuclear * brightness[nearest] * (0.8 + 0.35 * np.clip(texture, -2, 2)) * (1 - 0.6 * nucleolus)
+        emitter = (
+            nuclear * brightness[nearest] * (0.8 + 0.35 * np.clip(texture, -2, 2)) * (1 - 0.6 * nucleolus)
+        )
         emitter = emitter * inside + 0.03 * inside
         absorber = inside * (1.0 + params.nucleus_absorption * nuclear)
     else:
@@ -215,9 +231,15 @@ def render_object(params: HeldOutParams, rng: np.random.Generator) -> tuple[np.n
 # ---------------------------------------------------------------------------------------- optics
 
 
-def _transfer(shape: Shape3, step: np.ndarray, sigma_um: np.ndarray, halo: float, halo_um: float) -> np.ndarray:
+def _transfer(
+    shape: Shape3, step: np.ndarray, sigma_um: np.ndarray, halo: float, halo_um: float
+) -> np.ndarray:
     """Optical transfer function (rfft layout): Gaussian core times a heavy-tailed scattering halo."""
-    freqs = [np.fft.fftfreq(shape[0], step[0]), np.fft.fftfreq(shape[1], step[1]), np.fft.rfftfreq(shape[2], step[2])]
+    freqs = [
+        np.fft.fftfreq(shape[0], step[0]),
+        np.fft.fftfreq(shape[1], step[1]),
+        np.fft.rfftfreq(shape[2], step[2]),
+    ]
     kz, ky, kx = (2 * np.pi * f.astype(np.float32) for f in freqs)
     kz, ky, kx = kz[:, None, None], ky[None, :, None], kx[None, None, :]
     core = np.exp(-0.5 * ((sigma_um[0] * kz) ** 2 + (sigma_um[1] * ky) ** 2 + (sigma_um[2] * kx) ** 2))
@@ -236,8 +258,13 @@ def _depth_dependent_blur(
     position = depth * (slabs - 1)
     for i in range(slabs):
         t = i / (slabs - 1)
-        otf = _transfer(volume.shape, step, surface + t * (deep - surface),
-                        params.halo_surface + t * (params.halo_deep - params.halo_surface), params.halo_width_um)
+        otf = _transfer(
+            volume.shape,
+            step,
+            surface + t * (deep - surface),
+            params.halo_surface + t * (params.halo_deep - params.halo_surface),
+            params.halo_width_um,
+        )
         weight = np.clip(1.0 - np.abs(position - i), 0.0, 1.0)
         out += weight * np.fft.irfftn(spectrum * otf, s=volume.shape, axes=(0, 1, 2)).astype(np.float32)
     return out
@@ -251,7 +278,12 @@ def _path_integral(density: np.ndarray, axis: int, from_end: bool, step: float) 
 
 
 def _view(
-    emitter: np.ndarray, absorber: np.ndarray, step: np.ndarray, params: HeldOutParams, ill_end: bool, det_end: bool,
+    emitter: np.ndarray,
+    absorber: np.ndarray,
+    step: np.ndarray,
+    params: HeldOutParams,
+    ill_end: bool,
+    det_end: bool,
     core_only: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One view: lit along x from one side, detected along z from one side; returns (image, depth)."""
@@ -260,11 +292,17 @@ def _view(
     through = np.exp(-mu * _path_integral(absorber, 0, det_end, float(step[0])))
     det_depth = _path_integral((absorber > 0.05).astype(np.float32), 0, det_end, float(step[0]))
     ill_depth = _path_integral((absorber > 0.05).astype(np.float32), 2, ill_end, float(step[2]))
-    depth = np.clip(0.7 * det_depth / max(det_depth.max(), 1e-6) + 0.3 * ill_depth / max(ill_depth.max(), 1e-6), 0, 1)
+    depth = np.clip(
+        0.7 * det_depth / max(det_depth.max(), 1e-6) + 0.3 * ill_depth / max(ill_depth.max(), 1e-6), 0, 1
+    )
     emission = emitter * lit
     if core_only:
-        blurred = np.fft.irfftn(np.fft.rfftn(emission) * _transfer(emission.shape, step, np.asarray(params.fused_sigma_um),
-                                                                   0.0, 1.0), s=emission.shape, axes=(0, 1, 2)).astype(np.float32)
+        blurred = np.fft.irfftn(
+            np.fft.rfftn(emission)
+            * _transfer(emission.shape, step, np.asarray(params.fused_sigma_um), 0.0, 1.0),
+            s=emission.shape,
+            axes=(0, 1, 2),
+        ).astype(np.float32)
     else:
         blurred = _depth_dependent_blur(emission, depth.astype(np.float32), step, params)
     return blurred * through, depth
@@ -309,17 +347,21 @@ def simulate_heldout_pair(params: HeldOutParams, seed: int) -> tuple[np.ndarray,
     gain_map = 1.0 + rng.normal(0.0, 0.03, (ny, nx)).astype(np.float32)
     read_map = np.where(rng.random((ny, nx)) < 0.005, 6.0, 1.0).astype(np.float32) * params.read_noise
     counts = rng.poisson(np.maximum(angle * params.photons, 0)).astype(np.float32)
-    angle_adu = offset_map + gain_map * counts + read_map * rng.standard_normal(angle.shape).astype(np.float32)
+    angle_adu = (
+        offset_map + gain_map * counts + read_map * rng.standard_normal(angle.shape).astype(np.float32)
+    )
     hot = rng.random(angle.shape) < 1e-4
     angle_adu[hot] += rng.uniform(500, 3000, int(hot.sum())).astype(np.float32)
 
     fused_photons = 20.0 * params.photons + 2000.0
     fused_adu = fused * fused_photons + rng.normal(0.0, 1.5, fused.shape).astype(np.float32) + 100.0
-    to16 = (lambda v: np.clip(np.rint(v), 0, 65535).astype(np.uint16))  # noqa: E731
+    to16 = lambda v: np.clip(np.rint(v), 0, 65535).astype(np.uint16)  # noqa: E731
     return to16(angle_adu), to16(fused_adu)
 
 
-def heldout_pair(seed: int, index: int, channel: str, shape: Shape3) -> tuple[np.ndarray, np.ndarray, HeldOutParams]:
+def heldout_pair(
+    seed: int, index: int, channel: str, shape: Shape3
+) -> tuple[np.ndarray, np.ndarray, HeldOutParams]:
     """Pair ``index`` of the stream ``seed``: independent of how many pairs are made."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 7]))
     params = draw_params(rng, channel, shape)
@@ -351,8 +393,14 @@ def write_heldout_dataset(
         meta = out / f"{stem}_params.json"
         meta.write_text(json.dumps({"family": "heldout", **params.to_dict()}, indent=1))
         written.append(meta)
-        log.info("held-out pair %d/%d %s: spacing %s, %.2f s", i + 1, n, stem, params.spacing,
-                 time.perf_counter() - start)
+        log.info(
+            "held-out pair %d/%d %s: spacing %s, %.2f s",
+            i + 1,
+            n,
+            stem,
+            params.spacing,
+            time.perf_counter() - start,
+        )
     return written
 
 
@@ -366,20 +414,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--n", type=int, default=8, help="number of pairs")
-    parser.add_argument("--channel", choices=("nucleus", "membrane"), default="nucleus", help="stained structure")
+    parser.add_argument(
+        "--channel", choices=("nucleus", "membrane"), default="nucleus", help="stained structure"
+    )
     parser.add_argument("--seed", type=int, default=0, help="base seed; pair i uses (seed, i)")
-    parser.add_argument("--shape", type=int, nargs=3, default=(64, 160, 160), metavar=("Z", "Y", "X"),
-                        help="most z planes and the lateral field in voxels")
-    parser.add_argument("--first-id", type=int, default=0, help="image id of the first pair (file names only)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(64, 160, 160),
+        metavar=("Z", "Y", "X"),
+        help="most z planes and the lateral field in voxels",
+    )
+    parser.add_argument(
+        "--first-id", type=int, default=0, help="image id of the first pair (file names only)"
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
     if args.n < 1 or min(args.shape) < 1:
         parser.error("--n and --shape must be positive")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    start = time.perf_counter()
-    paths = write_heldout_dataset(
-        args.out, args.n, args.channel, args.seed, tuple(args.shape), args.first_id
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    start = time.perf_counter()
+    paths = write_heldout_dataset(args.out, args.n, args.channel, args.seed, tuple(args.shape), args.first_id)
     print(f"wrote {len(paths)} files to {args.out} ({(time.perf_counter() - start) / args.n:.2f} s per pair)")
     return 0
 

@@ -32,8 +32,13 @@ def _untrained_correction_models(dw: str, step2_residual: int = 1) -> ModelSet:
     models = []
     for step, config in ((1, replace(preset("tiny", in_channels=1), zero_head=True)), (2, step2)):
         torch.manual_seed(step)
-        card = ModelCard(step=step, preset="tiny", config=config.to_dict(), normalization={},
-                         training={"pipeline": pipeline})
+        card = ModelCard(
+            step=step,
+            preset="tiny",
+            config=config.to_dict(),
+            normalization={},
+            training={"pipeline": pipeline},
+        )
         models.append(LoadedModel(RUNet(config).eval(), card, None))
     return ModelSet(step1=models[0], step2=models[1], folder=None)
 
@@ -88,7 +93,9 @@ def test_fit_sigma_recovers_the_sigma_that_made_the_target():
 def test_sigmas_are_stored_in_the_cards_and_read_back(tmp_path):
     stem = tmp_path / "any" / "step1"
     config = preset("tiny", in_channels=1)
-    save_model(stem, RUNet(config), ModelCard(step=1, preset="tiny", config=config.to_dict(), normalization={}))
+    save_model(
+        stem, RUNet(config), ModelCard(step=1, preset="tiny", config=config.to_dict(), normalization={})
+    )
     assert stored_sigma(load_model(stem).card.training, "nucleus") is None
     changed = store_sigmas(tmp_path, {"nucleus": 1.1, "membrane": 0.7}, {"data": "x"})
     assert changed == [stem.with_suffix(".json")]

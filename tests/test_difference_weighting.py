@@ -93,7 +93,9 @@ def test_paper_form_on_the_same_case_blends_the_max_filtered_output():
     # the max-filtered output (1.0) on the whole block: the two forms differ on 7 voxels.
     expected = torch.zeros(3, 3, 3)
     expected[:2, :2, :2] = 1.0
-    torch.testing.assert_close(difference_weighting_(inp, out.clone(), max_filter=3), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        difference_weighting_(inp, out.clone(), max_filter=3), expected, rtol=0, atol=1e-6
+    )
 
 
 def test_released_weight_map_is_smooth_coarse_and_clipped():

@@ -122,7 +122,9 @@ def test_resample_and_tuned_baselines(folders: dict[str, Path], capsys: pytest.C
         expected = n_ssim(resample_baseline(inp, (1.0, 0.195, 0.195)), gt, inp, device="scipy")
         assert row["n_ssim"] == pytest.approx(expected, abs=1e-12)
         row = next(r for r in tuned.rows if r["case"].startswith(f"image_{n}_"))
-        assert row["n_ssim"] == pytest.approx(n_ssim(gaussian_tuned(inp, 1.2), gt, inp, device="scipy"), abs=1e-12)
+        assert row["n_ssim"] == pytest.approx(
+            n_ssim(gaussian_tuned(inp, 1.2), gt, inp, device="scipy"), abs=1e-12
+        )
     argv = ["--input", str(folders["input"]), "--gt", str(folders["gt"]), "--baseline", "gaussian-tuned"]
     assert evaluate.main([*argv, "--sigma", "0.8", "--device", "cpu"]) == 0
     assert "baseline: gaussian-tuned" in capsys.readouterr().out

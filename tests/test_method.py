@@ -22,8 +22,13 @@ def _weights(root: Path, pipeline: dict) -> Path:
     for step, channels in ((1, 1), (2, 2)):
         torch.manual_seed(step)
         config = preset("tiny", in_channels=channels)
-        card = ModelCard(step=step, preset="tiny", config=config.to_dict(), normalization={},
-                         training={"pipeline": pipeline})
+        card = ModelCard(
+            step=step,
+            preset="tiny",
+            config=config.to_dict(),
+            normalization={},
+            training={"pipeline": pipeline},
+        )
         save_model(root / "any" / f"step{step}", RUNet(config), card)
     return root
 
@@ -33,8 +38,14 @@ def _fuse(tmp: Path, weights: Path, name: str, *flags: str) -> np.ndarray:
     if not inputs.is_dir():
         inputs.mkdir()
         rng = np.random.default_rng(0)
-        write_volume(inputs / "image_0_nucleus_angle.tif", rng.integers(100, 4000, (12, 40, 40), dtype=np.uint16),
-                     spacing=(1.0, 0.39, 0.39), channel="nucleus", study=1, style="imagej")
+        write_volume(
+            inputs / "image_0_nucleus_angle.tif",
+            rng.integers(100, 4000, (12, 40, 40), dtype=np.uint16),
+            spacing=(1.0, 0.39, 0.39),
+            channel="nucleus",
+            study=1,
+            style="imagej",
+        )
     out = tmp / name
     assert main(["--input", str(inputs), "--output", str(out), "--weights", str(weights), *FAST, *flags]) == 0
     return read_case(out / "image_0_nucleus_angle.tif").volume
@@ -60,7 +71,9 @@ def test_settings_read_old_and_new_cards_and_refuse_unknown_forms():
     assert MethodSettings.from_card({}) == MethodSettings()
     assert MethodSettings.from_card({"difference_weighting": True}).difference_weighting == "paper"
     assert MethodSettings.from_card({"difference_weighting": False}).difference_weighting == "none"
-    settings = MethodSettings(difference_weighting="released", step1_mode="correction", global_size=64, patch=48)
+    settings = MethodSettings(
+        difference_weighting="released", step1_mode="correction", global_size=64, patch=48
+    )
     assert MethodSettings.from_card({**settings.to_card(), "step1": True}) == settings  # unknown keys ignored
     assert settings.override(difference_weighting=None, max_filter=5).max_filter == 5
     with pytest.raises(ValueError, match="difference_weighting"):

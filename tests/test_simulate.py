@@ -259,11 +259,20 @@ def test_cli_writes_pairs(tmp_path, capsys):
 
 def test_sheet_divergence_blurs_away_from_the_waist():
     """A diverging sheet (waist at the lit side) blurs the far side of the field more than the near one."""
-    base = SimulationParams(shape=(24, 64, 64), spacing=(1.0, 0.39, 0.39), haze_fraction=0.0,
-                            attenuation_illumination_per_um=0.0, attenuation_detection_per_um=0.0,
-                            photons=1e5, read_noise=0.0, ambient_photons=0.0)
+    base = SimulationParams(
+        shape=(24, 64, 64),
+        spacing=(1.0, 0.39, 0.39),
+        haze_fraction=0.0,
+        attenuation_illumination_per_um=0.0,
+        attenuation_detection_per_um=0.0,
+        photons=1e5,
+        read_noise=0.0,
+        ambient_photons=0.0,
+    )
     sharp = simulate_pair(base, 4)[0].astype(np.float64)
-    wide = simulate_pair(dataclasses.replace(base, sheet_growth=1.0, sheet_waist=0.0), 4)[0].astype(np.float64)
+    wide = simulate_pair(dataclasses.replace(base, sheet_growth=1.0, sheet_waist=0.0), 4)[0].astype(
+        np.float64
+    )
 
     def axial_energy(v: np.ndarray) -> float:
         return float(np.abs(np.diff(v, axis=0)).mean())

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=_wrapped(
             "Train the two-step RUNet fusion model (FuseMyCells): prepare a cache from image pairs, fit with "
             "Lightning (one GPU, many GPUs or CPU), export safetensors weights for inference.py, evaluate "
-            "them against the baselines (identity, Gaussian, tuned Gaussian, resampling) and make the quality table."
+            "them against the baselines (identity, Gaussian, tuned Gaussian, resampling) and make the "
+            "quality table."
         ),
         epilog=DOCKER_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -278,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     table.add_argument("--weights", type=Path, required=True, help="weights root (as inference.py --weights)")
     table.add_argument(
-        "--data", nargs="+", required=True, metavar="FAMILY=DIR", help="folders of pairs, each named by its family"
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="FAMILY=DIR",
+        help="folders of pairs, each named by its family",
     )
     table.add_argument("--out", type=Path, default=Path("quality"), help="folder for cases.csv and table.md")
     table.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
@@ -376,7 +381,9 @@ def cmd_table(args: argparse.Namespace) -> int:
         family, _, folder = item.rpartition("=")
         if not family:
             raise SystemExit(f"--data {item}: give FAMILY=DIR, e.g. held-out=runs/heldout")
-        rows += score_family(args.weights, Path(folder), family, torch.device(resolve_device(args.device)), args.overlap)
+        rows += score_family(
+            args.weights, Path(folder), family, torch.device(resolve_device(args.device)), args.overlap
+        )
     print(write(args.out, rows), end="")
     print(f"tables in {args.out}")
     return 0

@@ -166,7 +166,7 @@ class FitConfig:
         if self.step1_mode not in STEP1_MODES:
             raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
         if self.dw_form not in DW_FORMS or self.dw_form == "none":
-            raise ValueError(f"dw_form must be paper or released (use --no-dw for none), got {self.dw_form!r}")
+            raise ValueError(f"dw_form must be paper or released (--no-dw: none), got {self.dw_form!r}")
         if self.dw_max_filter < 1 or self.dw_max_filter % 2 == 0:
             raise ValueError(f"dw_max_filter must be odd and >= 1, got {self.dw_max_filter}")
         for channel in (*self.channels, *self.sim_channels):

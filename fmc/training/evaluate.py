@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from fmc.acceleration import KernelOptions
-from fmc.baselines import BASELINES, baseline_prediction, stored_sigma
+from fmc.baselines import BASELINES, baseline_prediction, sigma_of_models
 from fmc.io import CaseError, read_case
 from fmc.metrics import n_ssim
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
@@ -130,7 +130,7 @@ def evaluate(config: EvaluateConfig) -> tuple[list[CaseScore], list[dict[str, An
         pred, _ = pipeline.run(angle.volume, agreement.spacing)
         inp, gt = angle.volume, fused.volume
         backend = device if device.type == "cuda" else None
-        sigma = _tuned_sigma(pipeline, pair.channel)
+        sigma = sigma_of_models((pipeline.step2_model, pipeline.step1_model), pair.channel)
         scores = {}
         for name in BASELINES:
             if name == "gaussian-tuned" and sigma is None:
@@ -146,16 +146,6 @@ def evaluate(config: EvaluateConfig) -> tuple[list[CaseScore], list[dict[str, An
     summary = summarize(results)
     write_tables(config.out, results, summary)
     return results, summary
-
-
-def _tuned_sigma(pipeline: FusionPipeline, channel: str) -> float | None:
-    """The gaussian-tuned sigma stored in the cards of the models this pipeline runs."""
-    for loaded in (pipeline.step2_model, pipeline.step1_model):
-        if loaded is not None:
-            sigma = stored_sigma(loaded.card.training, channel)
-            if sigma is not None:
-                return sigma
-    return None
 
 
 def summarize(results: list[CaseScore]) -> list[dict[str, Any]]:
@@ -187,7 +177,9 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     ]
     for channel in sorted({r["channel"] for r in summary}):
         cells = {r["method"]: r for r in summary if r["channel"] == channel}
-        values = " | ".join(f"{cells[m]['n_ssim_mean']:+.4f} ({cells[m]['n_ssim_worst']:+.4f})" for m in METHODS)
+        values = " | ".join(
+            f"{cells[m]['n_ssim_mean']:+.4f} ({cells[m]['n_ssim_worst']:+.4f})" for m in METHODS
+        )
         lines.append(f"| {channel} | {cells['model']['cases']} | {values} |")
     return "\n".join(lines) + "\n"
 

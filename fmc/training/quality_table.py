@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmc.baselines import BASELINES, baseline_prediction
+from fmc.baselines import BASELINES, baseline_prediction, sigma_of_models
 from fmc.io import read_case
 from fmc.metrics import n_ssim
 from fmc.pipeline import FusionPipeline
-from fmc.training.evaluate import _tuned_sigma, pipeline_config_for
+from fmc.training.evaluate import pipeline_config_for
 from fmc.training.pairs import find_pairs, reconcile
 from fmc.weights import discover_models
 
@@ -67,16 +67,31 @@ def score_family(
                 config = pipeline_config_for(models, overlap, 2, False, device, variant.dw, variant.step2)
                 pipelines[key] = FusionPipeline(models, config, device)
             scores[variant.name] = n_ssim(pipelines[key].run(inp, spacing)[0], gt, inp)
-        sigma = _tuned_sigma(next(iter(pipelines.values())), pair.channel)
+        some = pipelines[(pair.channel, VARIANTS[-1].name)]
+        sigma = sigma_of_models((some.step2_model, some.step1_model), pair.channel)
         for name in BASELINES:
             if name == "gaussian-tuned" and sigma is None:
                 continue
-            scores[name] = n_ssim(baseline_prediction(name, inp, pair.channel, spacing, sigma, device), gt, inp)
+            scores[name] = n_ssim(
+                baseline_prediction(name, inp, pair.channel, spacing, sigma, device), gt, inp
+            )
         for method, value in scores.items():
-            rows.append({"family": family, "case": pair.case_id, "channel": pair.channel,
-                         "method": method, "n_ssim": value})
-        log.info("%s %s (%.1f s): %s", family, pair.case_id, time.perf_counter() - start,
-                 " ".join(f"{k}={v:+.3f}" for k, v in scores.items()))
+            rows.append(
+                {
+                    "family": family,
+                    "case": pair.case_id,
+                    "channel": pair.channel,
+                    "method": method,
+                    "n_ssim": value,
+                }
+            )
+        log.info(
+            "%s %s (%.1f s): %s",
+            family,
+            pair.case_id,
+            time.perf_counter() - start,
+            " ".join(f"{k}={v:+.3f}" for k, v in scores.items()),
+        )
     return rows
 
 
@@ -89,7 +104,11 @@ def markdown(rows: list[dict]) -> str:
     for method in methods:
         cells = []
         for channel, family in columns:
-            values = [r["n_ssim"] for r in rows if (r["method"], r["channel"], r["family"]) == (method, channel, family)]
+            values = [
+                r["n_ssim"]
+                for r in rows
+                if (r["method"], r["channel"], r["family"]) == (method, channel, family)
+            ]
             cells.append(f"{np.mean(values):+.3f} ({np.min(values):+.3f})" if values else "n/a")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -154,15 +154,39 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
         name = f"image_1_nucleus_{kind}.tif"
         (family / name).write_bytes((sim_data / name).read_bytes())
     out = tmp_path / "table"
-    assert main(["table", "--weights", str(weights), "--data", f"held-out={family}", "--out", str(out),
-                 "--device", "cpu", "--overlap", "0"]) == 0
+    assert (
+        main(
+            [
+                "table",
+                "--weights",
+                str(weights),
+                "--data",
+                f"held-out={family}",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--overlap",
+                "0",
+            ]
+        )
+        == 0
+    )
     table = (out / "table.md").read_text()
     assert "| method | nucleus held-out (n=1) |" in table
     with open(out / "cases.csv") as handle:
         rows = list(csv.DictReader(handle))
     methods = {r["method"]: float(r["n_ssim"]) for r in rows}
-    assert set(methods) == {"identity", "gaussian", "gaussian-tuned", "resample", "step 1",
-                            "step 1 + DW (paper)", "two steps", "two steps + DW (paper)",
-                            "two steps + DW (released)"}
+    assert set(methods) == {
+        "identity",
+        "gaussian",
+        "gaussian-tuned",
+        "resample",
+        "step 1",
+        "step 1 + DW (paper)",
+        "two steps",
+        "two steps + DW (paper)",
+        "two steps + DW (released)",
+    }
     assert abs(methods["identity"]) < 1e-9
     assert methods["two steps"] != methods["two steps + DW (paper)"]  # the variants really differ
