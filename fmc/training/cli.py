@@ -58,6 +58,8 @@ FIT_HELP: dict[str, str] = {
     "dw": "difference weighting, eq. (2), on the final stage's output before the loss",
     "step2_residual": "what step 2 corrects: input (untrained = the resampled input; step 1 is context) or "
     "step1 (the step-1 prediction)",
+    "target_frame": "step-2 targets as normalized (target) or affinely fitted per case to the input (input; "
+    "the metric ignores a global scale and offset)",
     "dw_form": "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
     "inference only)",
     "dw_train_max_filter": "max-filter size on O' during training (0 = off)",
@@ -109,6 +111,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "val_mode": ("iso", "full"),
     "step1_mode": STEP1_MODES,
     "step2_residual": STEP2_RESIDUALS,
+    "target_frame": ("target", "input"),
     "dw_form": ("paper", "released"),
     "accelerator": ("auto", "cpu", "gpu"),
     "sim_channels": CHANNELS,

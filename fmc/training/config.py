@@ -60,6 +60,9 @@ class FitConfig:
     # the prediction step 2 corrects: "input" (channel 0: untrained = the resampled input, step 1 is
     # context) or "step1" (channel 1, the step-1 prediction)
     step2_residual: str = "input"
+    # step-2 targets in their own intensity frame ("target") or affinely fitted to the input
+    # ("input", fmc.training.data.PatchDataset): the metric is blind to a global affine map
+    target_frame: str = "input"
 
     # loss
     alpha: float = 1.0  # MAE weight
@@ -161,6 +164,8 @@ class FitConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_steps < 0 and self.max_epochs < 0:
             raise ValueError("set --max-steps or --max-epochs: training would never stop")
+        if self.target_frame not in ("target", "input"):
+            raise ValueError(f"target_frame must be target or input, got {self.target_frame!r}")
         if self.step2_residual not in STEP2_RESIDUALS:
             raise ValueError(f"step2_residual must be one of {STEP2_RESIDUALS}, got {self.step2_residual!r}")
         if self.step1_mode not in STEP1_MODES:

@@ -95,6 +95,12 @@ class PatchDataset(Dataset):
     ``step1_dir`` holds the cached step-1 predictions (``<case id>.npy``, 0.6 um grid);
     ``None`` trains the patch-only ablation (one input channel). The epoch is
     ``len(cases) * patches_per_case`` items, cycling over the cases so each is seen equally.
+
+    ``target_frame="input"`` maps each case's target by the affine map that best fits it to the
+    case's input (least squares over the whole volume): the metric normalizes every prediction by
+    its own percentiles, so a global scale and offset are free, and a patch cannot know the
+    target's (its brightest nucleus may lie anywhere). The network then learns the change of
+    the input it sees, not a guess at a per-case intensity frame.
     """
 
     def __init__(
@@ -105,15 +111,20 @@ class PatchDataset(Dataset):
         patches_per_case: int = 16,
         step1_dir: Path | None = None,
         flips: bool = True,
+        target_frame: str = "target",
     ) -> None:
         if not cases:
             raise ValueError("no training cases")
+        if target_frame not in TARGET_FRAMES:
+            raise ValueError(f"target_frame must be one of {TARGET_FRAMES}, got {target_frame!r}")
         self.cases = cases
         self.patch = patch
         self.length = len(cases) * max(1, patches_per_case)
         self.step1_dir = step1_dir
         self.flips = flips
+        self.target_frame = target_frame
         self.reader = _CacheReader(cache)
+        self._affine: dict[str, tuple[float, float]] = {}
 
     def __len__(self) -> int:
         return self.length
@@ -131,10 +142,32 @@ class PatchDataset(Dataset):
         want = (self.patch,) * 3
         x = np.stack([pad_to(np.asarray(src[window], dtype=np.float32), want) for src in sources])
         y = pad_to(np.asarray(target[window], dtype=np.float32), want)[None]
+        if self.target_frame == "input":
+            if case.id not in self._affine:
+                self._affine[case.id] = fit_affine(np.asarray(target), np.asarray(sources[0]))
+            scale, offset = self._affine[case.id]
+            y = y * np.float32(scale) + np.float32(offset)
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         if self.flips:
             xt, yt = random_flips(xt, yt)
         return xt.contiguous(), yt.contiguous()
+
+
+TARGET_FRAMES = ("target", "input")
+
+
+def fit_affine(source: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """``(a, b)`` minimizing ``sum((a * source + b - reference)^2)``; ``(1, 0)`` when that fit is not
+    increasing (a constant source, or no positive relation)."""
+    s = source.astype(np.float64).ravel()
+    r = reference.astype(np.float64).ravel()
+    variance = s.var()
+    if variance <= 0:
+        return 1.0, 0.0
+    scale = float(((s - s.mean()) * (r - r.mean())).mean() / variance)
+    if not scale > 0:
+        return 1.0, 0.0
+    return scale, float(r.mean() - scale * s.mean())
 
 
 def upsampling_coordinates(indices: np.ndarray, size: int) -> np.ndarray:

@@ -182,6 +182,7 @@ class FusionDataModule(L.LightningDataModule):
                 self.config.patches_per_case,
                 step1_dir,
                 flips=self.config.flips,
+                target_frame=self.config.target_frame,
             )
             batch = self.config.batch
         workers = self.config.num_workers

@@ -94,3 +94,31 @@ def test_joint_items_sample_the_global_output_where_the_crop_lies(sim_cache: Pat
             ) * 3 + (3,)
             sampled = F.grid_sample(x_glob[None], grid[None], padding_mode="border", align_corners=False)[0]
             torch.testing.assert_close(sampled, y_patch, atol=1e-3, rtol=0)
+
+
+def test_fit_affine_recovers_a_known_map_and_refuses_a_decreasing_one() -> None:
+    from fmc.training.data import fit_affine
+
+    source = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
+    scale, offset = fit_affine(source, 2.5 * source + 0.3)
+    assert abs(scale - 2.5) < 1e-5 and abs(offset - 0.3) < 1e-5
+    assert fit_affine(source, -source) == (1.0, 0.0)
+    assert fit_affine(np.ones(4), np.arange(4.0)) == (1.0, 0.0)
+
+
+def test_input_frame_targets_are_the_case_target_mapped_onto_its_input(sim_cache: Path) -> None:
+    from fmc.training.data import fit_affine
+
+    case = load_manifest(sim_cache).cases[0]
+    plain = PatchDataset(sim_cache, [case], PATCH, flips=False)
+    framed = PatchDataset(sim_cache, [case], PATCH, flips=False, target_frame="input")
+    scale, offset = fit_affine(
+        np.load(case.array_path(sim_cache, "target")), np.load(case.array_path(sim_cache, "input"))
+    )
+    assert (scale, offset) != (1.0, 0.0)
+    torch.manual_seed(3)
+    x, y = plain[0]
+    torch.manual_seed(3)
+    x_framed, y_framed = framed[0]
+    assert torch.equal(x, x_framed)  # same crop, same input
+    torch.testing.assert_close(y_framed, y * scale + offset, rtol=0, atol=1e-5)
