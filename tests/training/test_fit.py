@@ -62,11 +62,16 @@ def test_stage2_uses_the_trained_step1_network(fit_run: Path) -> None:
     assert any(k.startswith("generator.") for k in stage1)
 
 
-def test_stage2_refines_the_step1_prediction(fit_run: Path) -> None:
-    """Its global residual is channel 1 (the step-1 output); patch-only keeps the input's."""
+def test_stage2_corrects_the_input_with_step1_as_context(fit_run: Path) -> None:
+    """By default (--step2-residual input) its residual is channel 0, the input, with a zero head;
+    --step2-residual step1 refines channel 1, the step-1 output."""
+    from fmc.training.config import FitConfig
+    from fmc.training.module import network_config
+
     checkpoint = torch.load(fit_run / "step2/checkpoints/last.ckpt", weights_only=True)
     network = checkpoint["hyper_parameters"]["network"]
-    assert network["in_channels"] == 2 and network["residual_channel"] == 1
+    assert network["in_channels"] == 2 and network["residual_channel"] == 0 and network["zero_head"]
+    assert network_config(FitConfig(step2_residual="step1"), 2).residual_channel == 1
 
 
 def test_resume_continues_from_the_saved_step(sim_cache: Path, split_csv: Path, tmp_path: Path) -> None:
@@ -139,12 +144,12 @@ def test_joint_training_updates_both_networks(
 def test_resume_refuses_a_checkpoint_whose_network_differs(
     fit_run: Path, sim_cache: Path, split_csv: Path, tmp_path: Path, capsys
 ) -> None:
-    """A step-2 checkpoint from before the residual change (residual on the raw input) must not load."""
+    """A step-2 checkpoint whose residual channel differs from the run's (an older design) must not load."""
     run = tmp_path / "copy"
     shutil.copytree(fit_run, run)
     ckpt = run / "step2/checkpoints/last.ckpt"
     checkpoint = torch.load(ckpt, weights_only=True)
-    checkpoint["hyper_parameters"]["network"]["residual_channel"] = 0
+    checkpoint["hyper_parameters"]["network"]["residual_channel"] = 1
     torch.save(checkpoint, ckpt)
     before = ckpt.read_bytes()
     args = tiny_fit_args(
@@ -153,7 +158,7 @@ def test_resume_refuses_a_checkpoint_whose_network_differs(
     assert main(args) == 2
     errors = capsys.readouterr().err  # the CLI installs its own log handler
     assert "cannot resume, its network differs" in errors
-    assert "residual_channel: checkpoint 0, this run 1" in errors
+    assert "residual_channel: checkpoint 1, this run 0" in errors
     assert ckpt.read_bytes() == before  # nothing trained, nothing overwritten
 
 
