@@ -56,13 +56,18 @@ class PipelineConfig:
             raise ValueError("set the pipeline's precision with kernels=KernelOptions(precision=...)")
 
 
-def card_settings(models: ModelSet) -> MethodSettings:
-    """The method settings the models were trained and validated with (``card.training["pipeline"]``)."""
+def _stored_settings(models: ModelSet) -> dict:
+    """The ``card.training["pipeline"]`` records of both cards, step 2's winning."""
     stored: dict = {}
     for loaded in (models.step1, models.step2):
         if loaded is not None:
             stored.update(loaded.card.training.get("pipeline", {}))
-    return MethodSettings.from_card(stored)
+    return stored
+
+
+def card_settings(models: ModelSet) -> MethodSettings:
+    """The method settings the models were trained and validated with (``card.training["pipeline"]``)."""
+    return MethodSettings.from_card(_stored_settings(models))
 
 
 def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSettings, dict[str, str]]:
@@ -73,15 +78,12 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
         "global_size": config.global_size,
         "step1_mode": config.step1_mode,
     }
-    stored: dict = {}
-    for loaded in (models.step1, models.step2):
-        if loaded is not None:
-            stored.update(loaded.card.training.get("pipeline", {}))
+    stored = _stored_settings(models)
     sources = {
         name: ("flag" if flags.get(name) is not None else "card" if name in stored else "default")
         for name in MethodSettings.__dataclass_fields__
     }
-    return card_settings(models).override(**flags), sources
+    return MethodSettings.from_card(stored).override(**flags), sources
 
 
 class StepTwoInputs:

@@ -7,30 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import write_tiny_weights
 
 from fmc.infer import main
 from fmc.io import read_case, write_volume
 from fmc.method import MethodSettings
-from fmc.network import RUNet, preset
-from fmc.weights import ModelCard, save_model
 
 FAST = ["--device", "cpu", "--patch", "16", "--overlap", "0.25", "--budget-seconds", "0"]
 
 
 def _weights(root: Path, pipeline: dict) -> Path:
-    for step, channels in ((1, 1), (2, 2)):
-        torch.manual_seed(step)
-        config = preset("tiny", in_channels=channels)
-        card = ModelCard(
-            step=step,
-            preset="tiny",
-            config=config.to_dict(),
-            normalization={},
-            training={"pipeline": pipeline},
-        )
-        save_model(root / "any" / f"step{step}", RUNet(config), card)
-    return root
+    return write_tiny_weights(root, pipeline=pipeline)
 
 
 def _fuse(tmp: Path, weights: Path, name: str, *flags: str) -> np.ndarray:
