@@ -228,6 +228,23 @@ class FusionPipeline:
                 result = to_native_uint16(prediction, tuple(volume.shape), bounds, out)
         return result, timings
 
+    def run_each_dw(
+        self, volume: np.ndarray, spacing: tuple[float, float, float], forms: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        """One uint16 prediction per DW form from a single pass of the networks; each is the bytes
+        ``run`` gives with that form (no deadline). Why: the quality table scores every form, and
+        the networks, not DW, cost the time."""
+        timings: dict[str, float] = {}
+        results: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            iso, bounds = to_isotropic(volume, spacing, self.device, self.config.target_spacing, self._stage, timings)
+            before = self.predict_before_dw(iso, timings)
+            for form in forms:
+                settings = replace(self.settings, difference_weighting=form)
+                prediction = weigh_differences(iso, before.clone(), settings)
+                results[form] = to_native_uint16(prediction, tuple(volume.shape), bounds)
+        return results
+
     @torch.inference_mode()  # also when training's validation calls it under no_grad only
     def predict_isotropic(
         self,
@@ -237,6 +254,22 @@ class FusionPipeline:
         reserve_seconds: float = 0.0,
     ) -> torch.Tensor:
         """Steps 1, 2 and DW on a normalized (Z,Y,X) volume at 0.6 um; returns the same shape."""
+        timings = {} if timings is None else timings
+        prediction = self.predict_before_dw(iso, timings, deadline, reserve_seconds)
+        if self.settings.difference_weighting != "none":
+            with self._stage(timings, "dw", iso.device):
+                prediction = weigh_differences(iso, prediction, self.settings)
+        return prediction
+
+    @torch.inference_mode()
+    def predict_before_dw(
+        self,
+        iso: torch.Tensor,
+        timings: dict[str, float] | None = None,
+        deadline: float | None = None,
+        reserve_seconds: float = 0.0,
+    ) -> torch.Tensor:
+        """Steps 1 and 2 (the networks' part): what difference weighting then acts on."""
         timings = {} if timings is None else timings
         dev = iso.device
         step1_small = None
@@ -256,13 +289,6 @@ class FusionPipeline:
                     prediction.add_(iso)
                 _replace_non_finite_(prediction, iso)
         del step1_small
-        form = self.settings.difference_weighting
-        if form != "none":
-            with self._stage(timings, "dw", dev):
-                if form == "paper":
-                    prediction = difference_weighting_(iso, prediction, self.settings.max_filter)
-                else:
-                    prediction = released_difference_weighting_(iso, prediction)
         return prediction
 
     def _global_step(self, iso: torch.Tensor) -> torch.Tensor:
@@ -418,6 +444,16 @@ class FusionPipeline:
             return total / 4
 
         return flipped
+
+
+def weigh_differences(iso: torch.Tensor, prediction: torch.Tensor, settings: MethodSettings) -> torch.Tensor:
+    """The method's difference weighting in the form ``settings`` names (``prediction`` is reused)."""
+    form = settings.difference_weighting
+    if form == "paper":
+        return difference_weighting_(iso, prediction, settings.max_filter)
+    if form == "released":
+        return released_difference_weighting_(iso, prediction)
+    return prediction
 
 
 StageTimer = Callable[[dict[str, float], str, torch.device], contextlib.AbstractContextManager[None]]

@@ -109,6 +109,18 @@ def test_same_input_same_output_on_cpu():
     assert marks == sorted(marks) and marks[0] > 0
 
 
+def test_one_network_pass_per_dw_form_gives_the_bytes_of_a_full_run_with_that_form():
+    volume = _volume((18, 30, 26))
+    models = ModelSet(step1=_tiny(1, 1, 0), step2=_tiny(2, 2, 1), folder=None)
+    base = PipelineConfig(global_size=32, tiling=SMALL_TILING, difference_weighting="none")
+    shared = FusionPipeline(models, base).run_each_dw(volume, (1.0, 0.4, 0.4), ("none", "paper", "released"))
+    for form, prediction in shared.items():
+        alone, _ = FusionPipeline(models, replace(base, difference_weighting=form)).run(volume, (1.0, 0.4, 0.4))
+        assert np.array_equal(prediction, alone), form
+    assert not np.array_equal(shared["none"], shared["paper"])
+    assert not np.array_equal(shared["paper"], shared["released"])
+
+
 def test_a_uint16_input_gives_the_same_output_as_its_float32_copy():
     volume = _volume((18, 30, 26))
     volume[0, 0, :3] = (40000, 65535, 32768)  # the upper half of the range, held as int16 bits

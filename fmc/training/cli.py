@@ -288,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FAMILY=DIR",
         help="folders of pairs, each named by its family",
     )
+    table.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        metavar="LABEL=WEIGHTS",
+        help="more weights roots (other training runs): their two-step rows, named 'LABEL: ...'",
+    )
     table.add_argument("--out", type=Path, default=Path("quality"), help="folder for cases.csv and table.md")
     table.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     table.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
@@ -373,19 +380,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labelled(items: list[str], flag: str, example: str) -> list[tuple[str, str]]:
+    """``LABEL=PATH`` arguments as pairs; a missing label is a usage error naming the flag."""
+    pairs = []
+    for item in items:
+        label, _, path = item.rpartition("=")
+        if not label:
+            raise SystemExit(f"{flag} {item}: give LABEL=DIR, e.g. {example}")
+        pairs.append((label, path))
+    return pairs
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     import torch
 
     from fmc.training.cache import resolve_device
     from fmc.training.quality_table import score_family, write
 
+    extra = {label: Path(root) for label, root in _labelled(args.extra, "--extra", "gan=runs/gan/weights")}
     rows = []
-    for item in args.data:
-        family, _, folder = item.rpartition("=")
-        if not family:
-            raise SystemExit(f"--data {item}: give FAMILY=DIR, e.g. held-out=runs/heldout")
+    for family, folder in _labelled(args.data, "--data", "held-out=runs/heldout"):
         rows += score_family(
-            args.weights, Path(folder), family, torch.device(resolve_device(args.device)), args.overlap
+            args.weights, Path(folder), family, torch.device(resolve_device(args.device)), args.overlap, extra
         )
     print(write(args.out, rows), end="")
     print(f"tables in {args.out}")

@@ -48,27 +48,56 @@ VARIANTS = (
 )
 
 
+def variant_name(label: str, variant: Variant, has_step1: bool) -> str:
+    """The row's name: ``label`` (extra weights) first; a model without step 1 runs "patch only"."""
+    name = variant.name
+    if not has_step1:
+        name = name.replace("two steps", "patch only")
+    return f"{label}: {name}" if label else name
+
+
 def score_family(
-    weights: Path, data: Path, family: str, device: torch.device, overlap: float = 0.5
+    weights: Path,
+    data: Path,
+    family: str,
+    device: torch.device,
+    overlap: float = 0.5,
+    extra: dict[str, Path] | None = None,
 ) -> list[dict]:
-    """One row per (case, method) for every pair in ``data``."""
+    """One row per (case, method) for every pair in ``data``.
+
+    ``weights`` gives every variant; each of ``extra`` (label -> weights root) adds its two-step
+    variants as rows named ``label: ...`` (other training runs beside the same baselines). The
+    networks run once per (weights, steps) and case; the DW forms reuse that pass
+    (:meth:`FusionPipeline.run_each_dw`, the bytes of a full run with that form).
+    """
+    sources = {"": weights, **(extra or {})}
     rows: list[dict] = []
-    pipelines: dict[tuple[str, str], FusionPipeline] = {}
+    pipelines: dict[tuple[str, str, bool], FusionPipeline] = {}
     for pair in find_pairs(data).pairs:
         start = time.perf_counter()
         angle, fused = read_case(pair.angle), read_case(pair.fused)
         spacing = reconcile(pair, angle.meta, fused.meta).spacing
         inp, gt = angle.volume, fused.volume
         scores: dict[str, float] = {}
-        for variant in VARIANTS:
-            key = (pair.channel, variant.name)
-            if key not in pipelines:
-                models = discover_models(weights, pair.channel, None, device=device)
-                config = pipeline_config_for(models, overlap, 2, False, device, variant.dw, variant.step2)
-                pipelines[key] = FusionPipeline(models, config, device)
-            scores[variant.name] = n_ssim(pipelines[key].run(inp, spacing)[0], gt, inp)
-        some = pipelines[(pair.channel, VARIANTS[-1].name)]
-        sigma = sigma_of_models((some.step2_model, some.step1_model), pair.channel)
+        sigma = None
+        for label, root in sources.items():
+            for step2 in (False, True):
+                variants = [v for v in VARIANTS if v.step2 == step2 and (step2 or not label)]
+                if not variants:
+                    continue
+                key = (pair.channel, label, step2)
+                if key not in pipelines:
+                    models = discover_models(root, pair.channel, None, device=device)
+                    config = pipeline_config_for(models, overlap, 2, False, device, "none", step2)
+                    pipelines[key] = FusionPipeline(models, config, device)
+                pipeline = pipelines[key]
+                if not label:
+                    sigma = sigma_of_models((pipeline.step2_model, pipeline.step1_model), pair.channel)
+                outputs = pipeline.run_each_dw(inp, spacing, tuple(v.dw for v in variants))
+                for variant in variants:
+                    name = variant_name(label, variant, pipeline.step1_model is not None)
+                    scores[name] = n_ssim(outputs[variant.dw], gt, inp)
         for name in BASELINES:
             if name == "gaussian-tuned" and sigma is None:
                 continue
@@ -97,7 +126,8 @@ def score_family(
 
 def markdown(rows: list[dict]) -> str:
     """Methods down, (channel, family) across; 'mean (worst)' per cell."""
-    methods = [*BASELINES, *(v.name for v in VARIANTS)]
+    seen = list(dict.fromkeys(r["method"] for r in rows))
+    methods = [m for m in BASELINES if m in seen] + [m for m in seen if m not in BASELINES]
     columns = sorted({(r["channel"], r["family"]) for r in rows}, key=lambda c: (c[0] != "nucleus", c[1]))
     head = "| method | " + " | ".join(f"{ch} {fam} (n={_count(rows, ch, fam)})" for ch, fam in columns) + " |"
     lines = [head, "|---|" + "---|" * len(columns)]

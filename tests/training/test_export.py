@@ -168,6 +168,8 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
                 "cpu",
                 "--overlap",
                 "0",
+                "--extra",
+                f"again={weights}",
             ]
         )
         == 0
@@ -187,6 +189,12 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
         "two steps",
         "two steps + DW (paper)",
         "two steps + DW (released)",
+        "again: two steps",
+        "again: two steps + DW (paper)",
+        "again: two steps + DW (released)",
     }
+    for name in ("two steps", "two steps + DW (paper)", "two steps + DW (released)"):
+        assert methods[f"again: {name}"] == methods[name]  # the same weights as extra rows
+    assert "| again: two steps |" in table
     assert abs(methods["identity"]) < 1e-9
     assert methods["two steps"] != methods["two steps + DW (paper)"]  # the variants really differ
