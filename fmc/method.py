@@ -21,6 +21,9 @@ DW_FORMS = ("paper", "released", "none")
 #: of its global cube, and that change, upsampled, is added to the 0.6 um input -- so networks
 #: with zero heads give the resampled input exactly, and training can only add to it.
 STEP1_MODES = ("output", "correction")
+#: Input channels step 2 can be given, in the order a card lists them: the 0.6 um input, the
+#: step-1 prediction upsampled, the signed surface distance (:mod:`fmc.distance`). "image" is first.
+STEP2_INPUTS = ("image", "step1", "distance")
 DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
 DEFAULT_PATCH = 128
 
@@ -34,8 +37,24 @@ class MethodSettings:
     global_size: int = DEFAULT_GLOBAL_SIZE
     patch: int = DEFAULT_PATCH
     step1_mode: str = "output"
+    # Step 2's input channels by name; () for cards that predate the list: see step2_channels.
+    step2_inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "step2_inputs", tuple(self.step2_inputs))  # JSON gives a list
+        unknown = [name for name in self.step2_inputs if name not in STEP2_INPUTS]
+        if unknown:
+            raise ValueError(
+                f"step2_inputs asks for input channel(s) {unknown} that this pipeline cannot build "
+                f"(it builds {', '.join(STEP2_INPUTS)}); use weights exported by this version of train.py"
+            )
+        if self.step2_inputs and (
+            self.step2_inputs[0] != "image" or len(set(self.step2_inputs)) != len(self.step2_inputs)
+        ):
+            raise ValueError(
+                "step2_inputs must start with 'image' and name each channel once, "
+                f"got {list(self.step2_inputs)}"
+            )
         if self.difference_weighting not in DW_FORMS:
             raise ValueError(
                 f"difference_weighting must be one of {DW_FORMS}, got {self.difference_weighting!r}"
@@ -47,9 +66,22 @@ class MethodSettings:
         if self.global_size < 8 or self.patch < 8:
             raise ValueError(f"global_size and patch must be >= 8, got {self.global_size} and {self.patch}")
 
+    def step2_channels(self, in_channels: int) -> tuple[str, ...]:
+        """The channels to build for a step-2 network of ``in_channels`` inputs. Cards without the
+        list meant the input alone (1) or [input, step-1 output] (2)."""
+        names = self.step2_inputs or STEP2_INPUTS[: min(in_channels, 2)]
+        if len(names) != in_channels:
+            raise ValueError(
+                f"step2_inputs lists {len(names)} channel(s) {list(names)} "
+                f"but the step-2 network takes {in_channels}"
+            )
+        return names
+
     def to_card(self) -> dict[str, Any]:
         """The JSON the card stores."""
-        return dataclasses.asdict(self)
+        record = dataclasses.asdict(self)
+        record["step2_inputs"] = list(self.step2_inputs)
+        return record
 
     @classmethod
     def from_card(cls, stored: dict[str, Any]) -> MethodSettings:

@@ -22,13 +22,14 @@ import torch
 
 from fmc.acceleration import Forward, KernelOptions, build_forward
 from fmc.difference_weighting import difference_weighting_, released_difference_weighting_
+from fmc.distance import coarse_distance_channel
 from fmc.memory import high_water_gib
-from fmc.method import MethodSettings
+from fmc.method import STEP2_INPUTS, MethodSettings
 from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.tiling import Deadline, PatchSource, TilingConfig, sliding_window_inference
 from fmc.upload import upload
-from fmc.weights import LoadedModel, ModelSet
+from fmc.weights import LoadedModel, ModelSet, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,21 @@ def _stored_settings(models: ModelSet) -> dict:
 
 def card_settings(models: ModelSet) -> MethodSettings:
     """The method settings the models were trained and validated with (``card.training["pipeline"]``)."""
-    return MethodSettings.from_card(_stored_settings(models))
+    return _read_settings(models, _stored_settings(models))
+
+
+def _read_settings(models: ModelSet, stored: dict) -> MethodSettings:
+    """``stored`` as settings; a card this pipeline cannot follow is a WeightsError naming its file."""
+    try:
+        settings = MethodSettings.from_card(stored)
+        if models.step2 is not None:
+            settings.step2_channels(int(models.step2.card.config.get("in_channels", 2)))
+    except ValueError as error:
+        cards = [
+            str(m.path.with_suffix(".json")) for m in (models.step1, models.step2) if m is not None and m.path
+        ]
+        raise WeightsError(f"{' / '.join(cards) or 'model card'}: {error}") from error
+    return settings
 
 
 def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSettings, dict[str, str]]:
@@ -83,28 +98,38 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
         name: ("flag" if flags.get(name) is not None else "card" if name in stored else "default")
         for name in MethodSettings.__dataclass_fields__
     }
-    return MethodSettings.from_card(stored).override(**flags), sources
+    return _read_settings(models, stored).override(**flags), sources
 
 
 class StepTwoInputs:
-    """Step 2's input channels, [0.6 um input, step-1 output], served one patch at a time.
+    """Step 2's input channels (named as in :data:`fmc.method.STEP2_INPUTS`), served one patch at a time.
 
-    The step-1 output stays at its global size and each patch of it is upsampled on demand,
-    so step 2 holds one full-size volume (the input) instead of four (input, step-1 output
-    and their stacked 2-channel copy): 9 GiB less for study 5.
+    The step-1 output and the distance channel stay at their coarse sizes and each patch of them is
+    upsampled on demand, so step 2 holds one full-size volume (the input) instead of one per
+    channel plus their stacked copy: 9 GiB less for study 5 with two channels.
     """
 
     def __init__(
-        self, iso: torch.Tensor, step1_small: torch.Tensor | None, channels: int, add_input: bool = False
+        self,
+        iso: torch.Tensor,
+        step1_small: torch.Tensor | None,
+        inputs: tuple[str, ...],
+        add_input: bool = False,
+        distance_small: torch.Tensor | None = None,
     ) -> None:
-        if channels not in (1, 2):
-            raise ValueError(f"step-2 model expects {channels} input channels; the pipeline provides 1 or 2")
+        if not inputs or inputs[0] != "image" or not set(inputs) <= set(STEP2_INPUTS):
+            raise ValueError(
+                f"step-2 inputs must start with 'image' and be among {STEP2_INPUTS}, got {inputs}"
+            )
+        if "distance" in inputs and distance_small is None:
+            raise ValueError("the step-2 model takes the distance channel: pass distance_small")
         self.iso = iso
-        self.channels = channels
+        self.inputs = inputs
         self.add_input = add_input  # "correction" step 1: the small volume is a change of the input
         # Without step 1 (ablation) the input itself stands in for its output, as in the paper's table.
-        use_step1 = channels == 2 and step1_small is not None
+        use_step1 = "step1" in inputs and step1_small is not None
         self.upsampler = RegionResampler(step1_small, tuple(iso.shape)) if use_step1 else None
+        self.distance = RegionResampler(distance_small, tuple(iso.shape)) if "distance" in inputs else None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -118,17 +143,26 @@ class StepTwoInputs:
     def patch(self, start: tuple[int, int, int], size: tuple[int, int, int]) -> torch.Tensor:
         (z, y, x), (pz, py, px) = start, size
         image = self.iso[z : z + pz, y : y + py, x : x + px]
-        if self.channels == 1:
-            return image[None]
-        if self.upsampler is None:
-            return torch.stack([image, image])
-        second = self.upsampler.region(start, size)
-        return torch.stack([image, second + image if self.add_input else second])
+        channels = []
+        for name in self.inputs:
+            if name == "image":
+                channels.append(image)
+            elif name == "step1":
+                if self.upsampler is None:
+                    channels.append(image)
+                else:
+                    second = self.upsampler.region(start, size)
+                    channels.append(second + image if self.add_input else second)
+            else:
+                assert self.distance is not None
+                channels.append(self.distance.region(start, size))
+        return torch.stack(channels) if len(channels) > 1 else image[None]
 
     def step_one_channel(self, batch: torch.Tensor) -> torch.Tensor:
         """The step-1 output of a (B, C, ...) batch of these patches: what a patch predicts when step 2
         has no time left for it (without step 1 it is the input, as in the ablation above)."""
-        return batch[:, -1:]
+        index = self.inputs.index("step1") if "step1" in self.inputs else 0
+        return batch[:, index : index + 1]
 
 
 class FusionPipeline:
@@ -237,7 +271,9 @@ class FusionPipeline:
         timings: dict[str, float] = {}
         results: dict[str, np.ndarray] = {}
         with torch.inference_mode():
-            iso, bounds = to_isotropic(volume, spacing, self.device, self.config.target_spacing, self._stage, timings)
+            iso, bounds = to_isotropic(
+                volume, spacing, self.device, self.config.target_spacing, self._stage, timings
+            )
             before = self.predict_before_dw(iso, timings)
             for form in forms:
                 settings = replace(self.settings, difference_weighting=form)
@@ -320,7 +356,11 @@ class FusionPipeline:
         """
         assert self.step2_model is not None
         wanted = int(self.step2_model.card.config.get("in_channels", 2))
-        source = StepTwoInputs(iso, step1_small, wanted, add_input=self.correction)
+        inputs = self.settings.step2_channels(wanted)
+        distance_small = (
+            coarse_distance_channel(iso, self.config.target_spacing) if "distance" in inputs else None
+        )
+        source = StepTwoInputs(iso, step1_small, inputs, self.correction, distance_small)
         tiling, tta = self.config.tiling, self.config.tta
         stop = None
         if deadline is not None:

@@ -9,11 +9,14 @@ from fmc.network import RUNet, preset
 from fmc.weights import ModelCard, save_model
 
 
-def write_tiny_weights(root: Path, global_size: int = 32, pipeline: dict | None = None) -> Path:
+def write_tiny_weights(
+    root: Path, global_size: int = 32, pipeline: dict | None = None, step2_channels: int = 2
+) -> Path:
     """A tiny random step-1 + step-2 model set in ``root/any``; returns ``root``.
 
-    ``pipeline`` replaces the cards' method settings (default: only ``global_size``)."""
-    for step, channels in ((1, 1), (2, 2)):
+    ``pipeline`` replaces the cards' method settings (default: only ``global_size``);
+    ``step2_channels``: the step-2 network's input channels."""
+    for step, channels in ((1, 1), (2, step2_channels)):
         torch.manual_seed(step)
         config = preset("tiny", in_channels=channels)
         card = ModelCard(

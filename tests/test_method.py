@@ -54,6 +54,40 @@ def test_a_card_without_dw_gives_the_bytes_of_no_dw(tmp_path, caplog):
     assert np.array_equal(_fuse(tmp_path, card_off, "forced", "--dw", "paper"), with_dw)  # a flag wins
 
 
+def test_a_card_with_the_distance_channel_loads_and_runs(tmp_path, caplog):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    channels = ["image", "step1", "distance"]
+    inputs = {"global_size": 16, "difference_weighting": "none", "step2_inputs": channels}
+    weights = write_tiny_weights(tmp_path / "w", pipeline=inputs, step2_channels=3)
+    with caplog.at_level(logging.INFO):
+        fused = _fuse(tmp_path, weights, "distance")
+    assert "step2_inputs=('image', 'step1', 'distance') (card)" in caplog.text
+    # the channel reaches the network: the same weights blind to it give other bytes
+    blind = write_tiny_weights(tmp_path / "blind", pipeline=inputs, step2_channels=3)
+    tensors = load_file(blind / "any" / "step2.safetensors")
+    first = "encoders.0.0.0.conv1.weight"
+    tensors[first] = torch.cat([tensors[first][:, :2], torch.zeros_like(tensors[first][:, 2:])], dim=1)
+    save_file(tensors, blind / "any" / "step2.safetensors")
+    assert not np.array_equal(_fuse(tmp_path, blind, "blind"), fused)
+
+
+def test_a_card_asking_for_a_channel_the_pipeline_cannot_build_is_refused(tmp_path, caplog):
+    inputs = {"global_size": 16, "step2_inputs": ["image", "step1", "curvature"]}
+    weights = write_tiny_weights(tmp_path / "w", pipeline=inputs, step2_channels=3)
+    inputs_dir = tmp_path / "in"
+    _fuse(tmp_path, write_tiny_weights(tmp_path / "ok"), "ok")  # writes the input case
+    out = tmp_path / "refused"
+    with caplog.at_level(logging.ERROR):
+        code = main(["--input", str(inputs_dir), "--output", str(out), "--weights", str(weights), *FAST])
+    assert code != 0
+    assert "step2.json" in caplog.text and "'curvature'" in caplog.text and "distance" in caplog.text
+    assert not (out / "image_0_nucleus_angle.tif").exists()
+    with pytest.raises(ValueError, match="takes 3"):
+        MethodSettings(step2_inputs=("image", "step1")).step2_channels(3)
+
+
 def test_settings_read_old_and_new_cards_and_refuse_unknown_forms():
     assert MethodSettings.from_card({}) == MethodSettings()
     assert MethodSettings.from_card({"difference_weighting": True}).difference_weighting == "paper"

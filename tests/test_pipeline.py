@@ -53,18 +53,27 @@ SMALL_TILING = TilingConfig(patch=(16, 16, 16), overlap=0.25, batch=2)
 def test_step_two_inputs_match_the_stacked_full_resolution_channels():
     iso = torch.rand(30, 41, 37, generator=torch.Generator().manual_seed(0))
     small = torch.rand(12, 12, 12, generator=torch.Generator().manual_seed(1))
-    stacked = torch.stack([iso, resample_to_shape(small, iso.shape)])
-    two = StepTwoInputs(iso, small, channels=2)
-    one = StepTwoInputs(iso, small, channels=1)
-    without_step1 = StepTwoInputs(iso, None, channels=2)
+    distance = torch.rand(8, 8, 8, generator=torch.Generator().manual_seed(2))
+    stacked = torch.stack([iso, resample_to_shape(small, iso.shape), resample_to_shape(distance, iso.shape)])
+    two = StepTwoInputs(iso, small, ("image", "step1"))
+    three = StepTwoInputs(iso, small, ("image", "step1", "distance"), distance_small=distance)
+    one = StepTwoInputs(iso, small, ("image",))
+    without_step1 = StepTwoInputs(iso, None, ("image", "step1"))
     box = (slice(3, 19), slice(20, 36), slice(0, 16))
     torch.testing.assert_close(
-        two.patch((3, 20, 0), (16, 16, 16)), stacked[(slice(None), *box)], atol=1e-5, rtol=0
+        two.patch((3, 20, 0), (16, 16, 16)), stacked[(slice(0, 2), *box)], atol=1e-5, rtol=0
     )
+    torch.testing.assert_close(
+        three.patch((3, 20, 0), (16, 16, 16)), stacked[(slice(None), *box)], atol=1e-5, rtol=0
+    )
+    batch = three.patch((3, 20, 0), (16, 16, 16))[None]
+    assert torch.equal(three.step_one_channel(batch), batch[:, 1:2])  # the step-1 channel, not the last
     assert torch.equal(one.patch((3, 20, 0), (16, 16, 16)), iso[box][None])
     assert torch.equal(without_step1.patch((3, 20, 0), (16, 16, 16)), torch.stack([iso[box], iso[box]]))
-    with pytest.raises(ValueError, match="input channels"):
-        StepTwoInputs(iso, small, channels=3)
+    with pytest.raises(ValueError, match="must start with 'image'"):
+        StepTwoInputs(iso, small, ("step1",))
+    with pytest.raises(ValueError, match="distance_small"):
+        StepTwoInputs(iso, small, ("image", "distance"))
 
 
 def test_identity_networks_reproduce_the_input():
@@ -115,7 +124,9 @@ def test_one_network_pass_per_dw_form_gives_the_bytes_of_a_full_run_with_that_fo
     base = PipelineConfig(global_size=32, tiling=SMALL_TILING, difference_weighting="none")
     shared = FusionPipeline(models, base).run_each_dw(volume, (1.0, 0.4, 0.4), ("none", "paper", "released"))
     for form, prediction in shared.items():
-        alone, _ = FusionPipeline(models, replace(base, difference_weighting=form)).run(volume, (1.0, 0.4, 0.4))
+        alone, _ = FusionPipeline(models, replace(base, difference_weighting=form)).run(
+            volume, (1.0, 0.4, 0.4)
+        )
         assert np.array_equal(prediction, alone), form
     assert not np.array_equal(shared["none"], shared["paper"])
     assert not np.array_equal(shared["paper"], shared["released"])

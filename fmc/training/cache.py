@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fmc.distance import coarse_distance_channel
 from fmc.io import TARGET_SPACING_UM, CaseError, read_case
 from fmc.metrics import percentile_normalize
 from fmc.resample import isotropic_shape, resample_to_shape
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 CACHE_VERSION = 1
-ARRAYS = ("input", "target", "input_global", "target_global")
+ARRAYS = ("input", "target", "input_global", "target_global", "distance")
 
 
 @dataclass
@@ -191,6 +192,9 @@ def prepare_pair(pair: PairedFiles, cache: Path, settings: dict[str, Any], devic
             del volume
             _save_array(folder / f"{role}.npy", iso)
             _save_array(folder / f"{role}_global.npy", resample_to_shape(iso, (size, size, size)))
+            if role == "input":  # step 2's distance channel, as the pipeline upsamples it per patch
+                coarse = coarse_distance_channel(iso, settings["target_spacing"])
+                _save_array(folder / "distance.npy", resample_to_shape(coarse, tuple(iso_shape)))
             del iso
     record = CachedCase(
         id=pair.case_id,

@@ -60,6 +60,9 @@ FIT_HELP: dict[str, str] = {
     "step1 (the step-1 prediction)",
     "target_frame": "step-2 targets as normalized (target) or affinely fitted per case to the input (input; "
     "the metric ignores a global scale and offset)",
+    "distance_channel": "step 2 also sees the signed distance to the specimen's hull surface (fmc.distance)",
+    "init_weights": "start the generator from these weights: an exported step-N .safetensors (or its stem) "
+    "or a fit checkpoint; new input channels start at zero",
     "dw_form": "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
     "inference only)",
     "dw_train_max_filter": "max-filter size on O' during training (0 = off)",

@@ -63,6 +63,11 @@ class FitConfig:
     # step-2 targets in their own intensity frame ("target") or affinely fitted to the input
     # ("input", fmc.training.data.PatchDataset): the metric is blind to a global affine map
     target_frame: str = "input"
+    # step 2 also sees the signed distance to the specimen's hull surface (fmc.distance; RWTH-GE)
+    distance_channel: bool = False
+    # start the generator from these weights (an exported step-N .safetensors stem or a fit
+    # checkpoint) instead of at random; extra input channels start at zero, so the start is unchanged
+    init_weights: str | None = None
 
     # loss
     alpha: float = 1.0  # MAE weight
@@ -164,6 +169,10 @@ class FitConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_steps < 0 and self.max_epochs < 0:
             raise ValueError("set --max-steps or --max-epochs: training would never stop")
+        if self.init_weights and self.step not in ("1", "2"):
+            raise ValueError("--init-weights starts one stage: give --step 1 or --step 2")
+        if self.distance_channel and self.joint:
+            raise ValueError("--distance-channel is not built for --step joint; train --step 2 after step 1")
         if self.target_frame not in ("target", "input"):
             raise ValueError(f"target_frame must be target or input, got {self.target_frame!r}")
         if self.step2_residual not in STEP2_RESIDUALS:
@@ -186,7 +195,13 @@ class FitConfig:
             global_size=self.global_size,
             patch=self.patch,
             step1_mode=self.step1_mode,
+            step2_inputs=self.step2_inputs(),
         )
+
+    def step2_inputs(self) -> tuple[str, ...]:
+        """Step 2's input channels by name (fmc.method.STEP2_INPUTS), in the network's order."""
+        names = ("image", "step1") if self.step1_enabled else ("image",)
+        return (*names, "distance") if self.distance_channel else names
 
     def cache_dir(self) -> Path:
         """Where the prepared cache lives."""

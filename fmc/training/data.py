@@ -90,7 +90,7 @@ class GlobalDataset(Dataset):
 
 
 class PatchDataset(Dataset):
-    """Step 2: random ``patch``^3 crops of [input, step-1 output] and the target, flipped on all axes.
+    """Step 2: random ``patch``^3 crops of [input, step-1 output(, distance)] and the target, flipped.
 
     ``step1_dir`` holds the cached step-1 predictions (``<case id>.npy``, 0.6 um grid);
     ``None`` trains the patch-only ablation (one input channel). The epoch is
@@ -112,6 +112,7 @@ class PatchDataset(Dataset):
         step1_dir: Path | None = None,
         flips: bool = True,
         target_frame: str = "target",
+        distance: bool = False,
     ) -> None:
         if not cases:
             raise ValueError("no training cases")
@@ -123,6 +124,7 @@ class PatchDataset(Dataset):
         self.step1_dir = step1_dir
         self.flips = flips
         self.target_frame = target_frame
+        self.distance = distance  # a last channel: the cached signed surface distance (fmc.distance)
         self.reader = _CacheReader(cache)
         self._affine: dict[str, tuple[float, float]] = {}
 
@@ -135,6 +137,8 @@ class PatchDataset(Dataset):
         sources = [self.reader.get(case.array_path(cache, "input"))]
         if self.step1_dir is not None:
             sources.append(self.reader.get(self.step1_dir / f"{case.id}.npy"))
+        if self.distance:
+            sources.append(self.reader.get(case.array_path(cache, "distance")))
         target = self.reader.get(case.array_path(cache, "target"))
         shape = target.shape
         starts = [random_start(size, self.patch) for size in shape]

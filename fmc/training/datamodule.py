@@ -183,6 +183,7 @@ class FusionDataModule(L.LightningDataModule):
                 step1_dir,
                 flips=self.config.flips,
                 target_frame=self.config.target_frame,
+                distance=self.config.distance_channel,
             )
             batch = self.config.batch
         workers = self.config.num_workers

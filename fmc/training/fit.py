@@ -32,7 +32,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from fmc.training.callbacks import LastCheckpoint, Throughput
-from fmc.training.checkpoints import load_checkpoint, step1_from_checkpoint
+from fmc.training.checkpoints import generator_init, load_checkpoint, step1_from_checkpoint, widen_inputs
 from fmc.training.config import FitConfig
 from fmc.training.datamodule import FusionDataModule
 from fmc.training.module import FusionModule, network_config
@@ -349,6 +349,11 @@ def run_stage(
     module = FusionModule(config.to_dict(), stage, step1_config)
     if resume_from is not None:
         check_resume_matches(resume_from, module)
+    elif config.init_weights:
+        origin = Path(config.init_weights)
+        start = widen_inputs(generator_init(origin, stage), module.generator.state_dict(), origin)
+        module.generator.load_state_dict(start)
+        log.info("stage %d: generator initialized from %s", stage, origin)
     step1_dir = None
     if module.step1_net is not None and step1_state is not None:
         module.step1_net.load_state_dict(step1_state)
@@ -370,7 +375,11 @@ def run_stage(
         stage,
         config.preset,
         sum(p.numel() for p in module.generator.parameters()) / 1e6,
-        f"resuming from {resume_from}" if resume_from else "from scratch",
+        f"resuming from {resume_from}"
+        if resume_from
+        else f"starting from {config.init_weights}"
+        if config.init_weights
+        else "from scratch",
     )
     with warnings.catch_warnings():
         # The frozen step-1 network is in eval mode on purpose.

@@ -53,10 +53,12 @@ def network_config(config: FitConfig, stage: int) -> RUNetConfig:
     pipeline is the resampled input.
     """
     if stage == 2 and config.step1_enabled:
+        inputs = len(config.step2_inputs())
         if config.step2_residual == "input":
-            return replace(preset(config.preset, in_channels=2), residual_channel=0, zero_head=True)
-        return replace(preset(config.preset, in_channels=2), residual_channel=1)
-    return replace(preset(config.preset, in_channels=1), zero_head=config.step1_mode == "correction")
+            return replace(preset(config.preset, in_channels=inputs), residual_channel=0, zero_head=True)
+        return replace(preset(config.preset, in_channels=inputs), residual_channel=1)
+    inputs = len(config.step2_inputs()) if stage == 2 else 1
+    return replace(preset(config.preset, in_channels=inputs), zero_head=config.step1_mode == "correction")
 
 
 def apply_difference_weighting(inp: torch.Tensor, out: torch.Tensor, max_filter: int = 0) -> torch.Tensor:
@@ -286,6 +288,7 @@ class FusionModule(L.LightningModule):
     def card(self, step: int, **extra: Any) -> ModelCard:
         """Model card of one exported network (the training details are filled in by export)."""
         config = self.hparams["step1_network"] if step == 1 and self.stage == 2 else self.hparams["network"]
+        extra.setdefault("training", {"pipeline": self.cfg.method_settings().to_card()})
         return ModelCard(
             step=step,
             preset=self.cfg.preset,

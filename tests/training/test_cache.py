@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from fmc.distance import coarse_distance_channel
 from fmc.io import read_case
-from fmc.resample import isotropic_shape
+from fmc.resample import isotropic_shape, resample_to_shape
 from fmc.training.cache import ARRAYS, PrepareConfig, load_manifest, prepare_cache
 from fmc.training.cli import main
 
@@ -45,11 +47,17 @@ def test_manifest_and_arrays(sim_data: Path, sim_cache: Path) -> None:
         for name in ARRAYS:
             array = case.load(sim_cache, name)
             assert isinstance(array, np.memmap) and array.dtype == np.float16
-            want = case.iso_shape if name in ("input", "target") else (GLOBAL_SIZE,) * 3
+            want = case.iso_shape if name in ("input", "target", "distance") else (GLOBAL_SIZE,) * 3
             assert array.shape == want
         target = np.asarray(case.load(sim_cache, "target"), dtype=np.float32)
         low, high = np.percentile(target, (2, 99.8))
         assert abs(low) < 0.1 and abs(high - 1) < 0.2  # normalized before resampling: close to [0, 1]
+        # step 2's distance channel as the pipeline builds it from the same input, upsampled
+        iso = torch.from_numpy(np.asarray(case.load(sim_cache, "input"), dtype=np.float32))
+        expected = resample_to_shape(coarse_distance_channel(iso, 0.6), case.iso_shape).numpy()
+        distance = np.asarray(case.load(sim_cache, "distance"), dtype=np.float32)
+        np.testing.assert_allclose(distance, expected, atol=0.05)  # float16 storage, float input
+        assert distance.max() > 0 > distance.min()
 
 
 def test_prepare_resumes_and_redoes_changed_sources(sim_data: Path, tmp_path: Path) -> None:
@@ -58,7 +66,7 @@ def test_prepare_resumes_and_redoes_changed_sources(sim_data: Path, tmp_path: Pa
     prepare_cache(config)
     arrays = sorted((tmp_path / "cache").rglob("*.npy"))
     before = {p: p.stat().st_mtime_ns for p in arrays}
-    assert len(arrays) == 8
+    assert len(arrays) == 2 * len(ARRAYS)
     prepare_cache(config)
     assert {p: p.stat().st_mtime_ns for p in arrays} == before  # nothing recomputed
     changed = data / "image_1_nucleus_fused.tif"

@@ -41,6 +41,22 @@ def test_patch_dataset_crops_step1_channel_from_the_same_place(sim_cache: Path, 
     assert single[0][0].shape == (1, PATCH, PATCH, PATCH)
 
 
+def test_patch_dataset_adds_the_cached_distance_crop_last(sim_cache: Path, tmp_path: Path) -> None:
+    cases = load_manifest(sim_cache).cases
+    step1 = tmp_path / "step1"
+    step1.mkdir()
+    for case in cases:  # a fake step-1 output equal to the distance: channels 1 and 2 must match
+        np.save(step1 / f"{case.id}.npy", np.asarray(case.load(sim_cache, "distance"), dtype=np.float16))
+    dataset = PatchDataset(sim_cache, cases, PATCH, step1_dir=step1, flips=True, distance=True)
+    torch.manual_seed(0)
+    for index in range(len(dataset)):
+        x, _ = dataset[index]
+        assert x.shape == (3, PATCH, PATCH, PATCH)
+        torch.testing.assert_close(x[1], x[2])
+    patch_only = PatchDataset(sim_cache, cases, PATCH, step1_dir=None, distance=True)
+    assert patch_only[0][0].shape == (2, PATCH, PATCH, PATCH)
+
+
 def test_crops_find_the_target_under_the_input(sim_cache: Path) -> None:
     """Input and target crops come from the same window: with the target replaced by the input they agree."""
     case = load_manifest(sim_cache).cases[0]

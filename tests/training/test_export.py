@@ -198,3 +198,41 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
     assert "| again: two steps |" in table
     assert abs(methods["identity"]) < 1e-9
     assert methods["two steps"] != methods["two steps + DW (paper)"]  # the variants really differ
+
+
+def test_fine_tuning_with_the_distance_channel_starts_from_exported_weights(
+    exported: Path, sim_cache: Path, split_csv: Path, sim_data: Path, tmp_path: Path
+) -> None:
+    """--step1-ckpt and --init-weights take exported networks; --distance-channel widens step 2 by a
+    zero-weighted channel, so (at lr 0) the fine-tuned network computes what the exported one did."""
+    from fmc.distance import coarse_distance_channel
+
+    from .conftest import tiny_fit_args
+
+    step1, step2 = exported / "nucleus" / "step1.safetensors", exported / "nucleus" / "step2.safetensors"
+    run = tmp_path / "ft"
+    flags = ["--split-csv", str(split_csv), "--step", "2", "--beta", "0", "--lr", "0", "--weight-decay", "0"]
+    flags += ["--step1-ckpt", str(step1), "--init-weights", str(step2), "--distance-channel"]
+    assert main(tiny_fit_args(run, sim_cache, *flags)) == 0
+    out = tmp_path / "weights"
+    assert main(["export", "--ckpt", str(run), "--out", str(out), "--channel", "any"]) == 0
+    widened, original = load_model(out / "any" / "step2"), load_model(step2)
+    assert widened.card.config["in_channels"] == 3
+    assert widened.card.training["pipeline"]["step2_inputs"] == ["image", "step1", "distance"]
+    torch.testing.assert_close(
+        load_model(out / "any" / "step1").network.state_dict(), load_model(step1).network.state_dict()
+    )
+    iso = torch.rand(PATCH, PATCH, PATCH, generator=torch.Generator().manual_seed(0))
+    distance = torch.nn.functional.interpolate(coarse_distance_channel(iso, 0.6)[None, None], size=iso.shape)[
+        0, 0
+    ]
+    two = torch.stack([iso, iso])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            widened.network(torch.cat([two, distance[None, None]], dim=1)), original.network(two)
+        )
+    models = discover_models(out, "nucleus", None, device="cpu")
+    pipeline = FusionPipeline(models, pipeline_config_for(models, 0.0, 2, False, torch.device("cpu")), "cpu")
+    angle = read_case(sim_data / "image_1_nucleus_angle.tif")
+    prediction, _ = pipeline.run(angle.volume, angle.meta.spacing)
+    assert prediction.shape == angle.volume.shape
