@@ -344,7 +344,7 @@ def _fuse_one(
             config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))
         pipelines[key] = FusionPipeline(models, config, device)
     pipeline = pipelines[key]
-    input_projection = _projection(case.volume) if options.preview else None
+    input_projection = mip_projections(case.volume) if options.preview else None
     # A writeable uint16 input takes the prediction in place: one volume on the host, not two.
     reuse = case.volume.dtype == np.uint16 and case.volume.flags.writeable
     fused, timings = pipeline.run(
@@ -395,7 +395,7 @@ def _u8(projection: np.ndarray) -> np.ndarray:
     return (scaled * 255).astype(np.uint8)
 
 
-def _projection(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mip_projections(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Maximum-intensity projections: XY (along z) and XZ (along y, where depth blur shows), uint8."""
     return _u8(volume.max(axis=0)), _u8(volume.max(axis=1))
 
@@ -405,19 +405,26 @@ def preview_image(
     fused: np.ndarray,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> np.ndarray:
-    """One labelled uint8 image: columns "input" and "fused", rows the XY and the XZ projection.
+    """One labelled uint8 image: columns "input" and "fused", rows the XY and the XZ projection."""
+    return labelled_projections([("input", input_projection), ("fused", mip_projections(fused))], spacing)
+
+
+def labelled_projections(
+    columns: list[tuple[str, tuple[np.ndarray, np.ndarray]]],
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """One labelled uint8 image: a column per (label, projections), rows the XY and the XZ projection.
 
     The XZ rows are stretched to the physical z/x aspect, so a coarse z step does not squash them.
     """
     from PIL import Image, ImageDraw
 
-    fused_projection = _projection(fused)
     z_um, _, x_um = spacing
     aspect = z_um / x_um if x_um > 0 and z_um > 0 else 1.0
     rows = []
     for row, (name, stretch) in enumerate((("XY (max over z)", 1.0), ("XZ (max over y)", aspect))):
         panels = []
-        for label, projections in (("input", input_projection), ("fused", fused_projection)):
+        for label, projections in columns:
             panel = Image.fromarray(projections[row])
             height = max(1, min(4096, round(panel.height * stretch)))
             panel = panel.resize((panel.width, height), Image.NEAREST) if height != panel.height else panel
@@ -426,7 +433,10 @@ def preview_image(
             ImageDraw.Draw(canvas).text((3, 1), f"{label} | {name}", fill=255)
             panels.append(np.asarray(canvas))
         gap = np.full((panels[0].shape[0], 4), 128, dtype=np.uint8)
-        rows.append(np.concatenate([panels[0], gap, panels[1]], axis=1))
+        parts = [panels[0]]
+        for panel in panels[1:]:
+            parts += [gap, panel]
+        rows.append(np.concatenate(parts, axis=1))
     gap = np.full((4, rows[0].shape[1]), 128, dtype=np.uint8)
     return np.concatenate([rows[0], gap, rows[1]], axis=0)
 

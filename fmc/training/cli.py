@@ -298,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL=WEIGHTS",
         help="more weights roots (other training runs): their two-step rows, named 'LABEL: ...'",
     )
+    table.add_argument(
+        "--preview",
+        nargs="*",
+        default=[],
+        metavar="CASE",
+        help="case ids (e.g. image_3_nucleus) to draw as labelled MIPs: input | each two-step row | target",
+    )
     table.add_argument("--out", type=Path, default=Path("quality"), help="folder for cases.csv and table.md")
     table.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     table.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
@@ -404,7 +411,13 @@ def cmd_table(args: argparse.Namespace) -> int:
     rows = []
     for family, folder in _labelled(args.data, "--data", "held-out=runs/heldout"):
         rows += score_family(
-            args.weights, Path(folder), family, torch.device(resolve_device(args.device)), args.overlap, extra
+            args.weights,
+            Path(folder),
+            family,
+            torch.device(resolve_device(args.device)),
+            args.overlap,
+            extra,
+            {case: args.out / f"preview_{family}_{case}.png" for case in args.preview},
         )
     print(write(args.out, rows), end="")
     print(f"tables in {args.out}")

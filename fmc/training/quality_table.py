@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from fmc.baselines import BASELINES, baseline_prediction, sigma_of_models
+from fmc.infer import labelled_projections, mip_projections
 from fmc.io import read_case
 from fmc.metrics import n_ssim
 from fmc.pipeline import FusionPipeline
 from fmc.training.evaluate import pipeline_config_for
 from fmc.training.pairs import find_pairs, reconcile
+from fmc.training.preview import save_png
 from fmc.weights import discover_models
 
 log = logging.getLogger(__name__)
@@ -63,13 +65,16 @@ def score_family(
     device: torch.device,
     overlap: float = 0.5,
     extra: dict[str, Path] | None = None,
+    previews: dict[str, Path] | None = None,
 ) -> list[dict]:
     """One row per (case, method) for every pair in ``data``.
 
     ``weights`` gives every variant; each of ``extra`` (label -> weights root) adds its two-step
     variants as rows named ``label: ...`` (other training runs beside the same baselines). The
     networks run once per (weights, steps) and case; the DW forms reuse that pass
-    (:meth:`FusionPipeline.run_each_dw`, the bytes of a full run with that form).
+    (:meth:`FusionPipeline.run_each_dw`, the bytes of a full run with that form). ``previews``
+    (case id -> PNG path): labelled MIPs of those cases, input | each weights' two steps | target,
+    for what N_SSIM does not show (fine detail).
     """
     sources = {"": weights, **(extra or {})}
     rows: list[dict] = []
@@ -80,6 +85,7 @@ def score_family(
         spacing = reconcile(pair, angle.meta, fused.meta).spacing
         inp, gt = angle.volume, fused.volume
         scores: dict[str, float] = {}
+        columns = [("input", mip_projections(inp))]
         sigma = None
         for label, root in sources.items():
             for step2 in (False, True):
@@ -98,12 +104,17 @@ def score_family(
                 for variant in variants:
                     name = variant_name(label, variant, pipeline.step1_model is not None)
                     scores[name] = n_ssim(outputs[variant.dw], gt, inp)
+                    if step2 and variant.dw == "none":
+                        columns.append((name, mip_projections(outputs["none"])))
         for name in BASELINES:
             if name == "gaussian-tuned" and sigma is None:
                 continue
             scores[name] = n_ssim(
                 baseline_prediction(name, inp, pair.channel, spacing, sigma, device), gt, inp
             )
+        if previews and pair.case_id in previews:
+            columns.append(("target (fused views)", mip_projections(gt)))
+            save_png(previews[pair.case_id], labelled_projections(columns, spacing))
         for method, value in scores.items():
             rows.append(
                 {

@@ -170,6 +170,8 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
                 "0",
                 "--extra",
                 f"again={weights}",
+                "--preview",
+                "image_1_nucleus",
             ]
         )
         == 0
@@ -196,6 +198,11 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
     for name in ("two steps", "two steps + DW (paper)", "two steps + DW (released)"):
         assert methods[f"again: {name}"] == methods[name]  # the same weights as extra rows
     assert "| again: two steps |" in table
+    from PIL import Image
+
+    preview = Image.open(out / "preview_held-out_image_1_nucleus.png")
+    width = read_case(family / "image_1_nucleus_angle.tif").volume.shape[2]
+    assert preview.width == 4 * width + 3 * 4  # input | two steps | again: two steps | target
     assert abs(methods["identity"]) < 1e-9
     assert methods["two steps"] != methods["two steps + DW (paper)"]  # the variants really differ
 
