@@ -1,4 +1,4 @@
-"""The published-style pipeline (DESIGN section 4), timed on the same case with the same weights.
+"""The published-style pipeline (docs/performance.md, Anchors), timed on the same case with the same weights.
 
 This is the reference the speed-up targets are measured against, built the way the
 published code works: the whole volume on the CPU in float64, ``skimage.transform.resize``

@@ -40,7 +40,7 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class Study:
-    """One FuseMyCells study as DESIGN section 1 lists it (shape ZYX, spacing ZYX in um)."""
+    """One FuseMyCells study as docs/task.md, Data lists it (shape ZYX, spacing ZYX in um)."""
 
     number: int
     shape: tuple[int, int, int]

@@ -58,7 +58,7 @@ PLAN_CEILING_SECONDS = 480.0
 #: The whole run's own deadline: under the device tool's 600 s per command, with room to copy
 #: the results out after it.
 DEFAULT_TOTAL_SECONDS = 560.0
-#: DESIGN section 4's study-5 targets on an H100-class GPU.
+#: docs/performance.md, Anchors's study-5 targets on an H100-class GPU.
 TARGET_SECONDS = 20.0
 TARGET_GPU_GIB = 12.0
 TARGET_RSS_GIB = 8.0
@@ -366,7 +366,7 @@ def run_study5(settings: Settings, extra: list[str], keep_as: str) -> dict:
 
 
 def against_targets(result: dict) -> dict:
-    """DESIGN section 4's study-5 targets, each with the figure it was judged on."""
+    """docs/performance.md, Anchors's study-5 targets, each with the figure it was judged on."""
     gpu = result.get("peak_gpu_reserved_gib")
     driver = result.get("peak_gpu_driver_gib")
     total = result.get("total_seconds")
@@ -572,7 +572,7 @@ def training_argv(settings: Settings, run_dir: Path, cache: Path, split: Path) -
     ]  # fmt: skip
 
 
-#: Generator steps per stage: ~40 s each on an H200 at the rates guessed from DESIGN section 4.
+#: Generator steps per stage: ~40 s each on an H200 at the rates guessed from docs/performance.md, Anchors.
 TRAINING_STEPS = {1: 160, 2: 160}
 
 

@@ -2,8 +2,8 @@
 
 Why a separate module: these are the knobs the performance work measures one by one
 (``benchmarks/bench_kernels.py``); inference and the benchmark must build the forward
-function the same way. The default precision, ``auto``, is float16 weights on CUDA (DESIGN
-section 4: 209 vs 156 M voxels/s for float32 on an H100; on held-out pairs N_SSIM moves by
+function the same way. The default precision, ``auto``, is float16 weights on CUDA (docs/performance.md,
+Anchors: 209 vs 156 M voxels/s for float32 on an H100; on held-out pairs N_SSIM moves by
 less than 0.002) and float32 elsewhere. Options a CPU cannot use (fp16, cuDNN) fall back to
 float32 with a warning instead of failing.
 """
@@ -36,8 +36,8 @@ class KernelOptions:
     ``fp16`` autocast, ``fp16-weights`` (the whole network cast to float16, no autocast), or
     ``auto``: ``fp16-weights`` on CUDA, ``fp32`` elsewhere.
     ``channels_last``: channels_last_3d memory format; None picks per device: on for a CPU
-    (1.55x on the sample case's step 2, same output to 1 uint16 step), off for CUDA (DESIGN
-    section 4: slower with fp16 on an H100). ``cudnn_benchmark``: let cuDNN time its
+    (1.55x on the sample case's step 2, same output to 1 uint16 step), off for CUDA
+    (docs/performance.md, Anchors: slower with fp16 on an H100). ``cudnn_benchmark``: let cuDNN time its
     algorithms per input shape. ``compile``: a ``torch.compile`` mode, or None for eager.
     """
 

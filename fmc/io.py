@@ -1,7 +1,7 @@
 """The TIFF + metadata contract of the FuseMyCells platform.
 
 Inputs arrive as 3-D ZYX TIFF stacks whose metadata comes in several wild variants
-(DESIGN section 1): tifffile "shaped" JSON, ImageJ descriptions (``spacing`` = z step,
+(docs/task.md, Data): tifffile "shaped" JSON, ImageJ descriptions (``spacing`` = z step,
 ``unit``, X/YResolution tags), plain ``key=value`` lines, OME-XML ``PhysicalSize*``;
 PhysicalSize keys spelled ``PhysicalSizeX`` / ``physicalsizex`` / ``physical_size_x``;
 units nm, um (micron, µm) or mm. :func:`read_case` folds them into one typed

@@ -1,4 +1,4 @@
-"""RUNet (3-D residual U-Net) and a PatchGAN-style 3-D discriminator (DESIGN section 2).
+"""RUNet (3-D residual U-Net) and a PatchGAN-style 3-D discriminator (docs/task.md, Method).
 
 RUNet layout (the topology of the authors' public RUNet), for ``L = len(channels)`` levels:
 

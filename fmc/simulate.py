@@ -51,7 +51,7 @@ Vec3 = tuple[float, float, float]
 Shape3 = tuple[int, int, int]
 
 CHANNELS = ("nucleus", "membrane")
-#: Spacing (z, y, x) in micrometres of the five FuseMyCells studies (DESIGN section 1).
+#: Spacing (z, y, x) in micrometres of the five FuseMyCells studies (docs/task.md, Data).
 STUDY_SPACINGS: dict[int, Vec3] = {
     1: (1.0, 0.195, 0.195),
     2: (1.0, 0.195, 0.195),

@@ -1,4 +1,4 @@
-"""A Docker engine and a stand-in base image for the container tests (DESIGN section 6).
+"""A Docker engine and a stand-in base image for the container tests (docs/environment.md).
 
 Development and CI machines have no Docker engine running and cannot reach an image
 registry. As root, this installs Debian's ``docker.io`` when it is missing, starts a
