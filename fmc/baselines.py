@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from fmc.method import TARGET_SPACING_UM
 from fmc.metrics import gaussian_baseline, n_ssim
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def resample_baseline(
     volume: np.ndarray,
     spacing: Sequence[float],
     device: torch.device | str = "cpu",
-    target_spacing: float = 0.6,
+    target_spacing: float = TARGET_SPACING_UM,
 ) -> np.ndarray:
     """To ``target_spacing`` isotropic and back with the pipeline's own steps; uint16 like its output."""
     from fmc.pipeline import to_isotropic, to_native_uint16

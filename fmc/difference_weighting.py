@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEFAULT_SLAB_VOXELS = 1 << 24  # 64 MiB per float32 temporary
+from fmc.memory import SLAB_VOXELS
 
 
 def max_filter3d(volume: torch.Tensor, size: int) -> torch.Tensor:
@@ -58,7 +58,7 @@ def difference_weighting(inp: torch.Tensor, initial: torch.Tensor, max_filter: i
 
 
 def difference_weighting_(
-    inp: torch.Tensor, initial: torch.Tensor, max_filter: int = 0, slab_voxels: int = DEFAULT_SLAB_VOXELS
+    inp: torch.Tensor, initial: torch.Tensor, max_filter: int = 0, slab_voxels: int = SLAB_VOXELS
 ) -> torch.Tensor:
     """:func:`difference_weighting` of two (Z, Y, X) volumes, written into ``initial``; returns it.
 

@@ -54,17 +54,16 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from fmc.memory import SLAB_VOXELS
+from fmc.method import CHANNELS, TARGET_SPACING_UM
+
 log = logging.getLogger(__name__)
 
-TARGET_SPACING_UM: float = 0.6
 METADATA_STYLES = ("shaped", "imagej", "keyvalue", "ome")
 KEY_SPELLINGS = ("PhysicalSizeX", "physicalsizex", "physical_size_x")
-CHANNELS = ("nucleus", "membrane")
 TIFF_SUFFIXES = (".tif", ".tiff")
 PLAUSIBLE_SPACING_UM = (1e-3, 1e3)
 """Voxel sizes outside this range (micrometres) are treated as invalid metadata."""
-
-_SLAB_VOXELS = 1 << 24  # per-slab work size for NaN scans and dtype conversion (bounded temporaries)
 
 
 # --------------------------------------------------------------------------- public types
@@ -719,7 +718,7 @@ def _check_dtype(path: Path, dtype: np.dtype) -> None:
 
 
 def _slabs(volume: np.ndarray) -> Iterator[slice]:
-    step = max(1, _SLAB_VOXELS // max(1, int(np.prod(volume.shape[1:]))))
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(volume.shape[1:]))))
     for start in range(0, volume.shape[0], step):
         yield slice(start, min(start + step, volume.shape[0]))
 

@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 GIB = float(1 << 30)
+#: Voxels per slab, chunk or block where a pass over a volume works piece by piece: 64 MiB per
+#: float32 temporary, so no pass needs a second full-size copy.
+SLAB_VOXELS = 1 << 24
 
 
 def high_water_gib(device: torch.device) -> float | None:

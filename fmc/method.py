@@ -24,6 +24,10 @@ STEP1_MODES = ("output", "correction")
 #: Input channels step 2 can be given, in the order a card lists them: the 0.6 um input, the
 #: step-1 prediction upsampled, the signed surface distance (:mod:`fmc.distance`). "image" is first.
 STEP2_INPUTS = ("image", "step1", "distance")
+#: The method's grid: every volume is resampled to this isotropic spacing (um) and back.
+TARGET_SPACING_UM = 0.6
+#: The stained structures the challenge scores apart.
+CHANNELS = ("nucleus", "membrane")
 DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
 DEFAULT_PATCH = 128
 

@@ -32,6 +32,8 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
+from fmc.memory import SLAB_VOXELS
+
 log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -56,8 +58,6 @@ TORCH_EXACT_PERCENTILE_MAX = 16_000_000
 BASELINE_SIGMA = {"nucleus": 0.442, "membrane": 0.5}
 BASELINE_SIGMA_DEFAULT = 0.5
 
-_HIST_CHUNK = 1 << 24  # voxels per chunk in histogram passes (bounds temporary memory)
-_SCIPY_BLOCK_VOXELS = 1 << 24  # input voxels per block and map, scipy back end
 _TORCH_BLOCK_VOXELS = 1 << 26  # input voxels per block and map, torch back end
 _SCIPY_BLOCK_Z = 32
 _SSIM_CHUNK_VOXELS = 1 << 20  # voxels per elementwise chunk of the SSIM map (CPU cache sized)
@@ -86,8 +86,8 @@ def _numpy_int_percentiles(x: np.ndarray, qs: Sequence[float]) -> list[float]:
     offset = -int(info.min)
     flat = x.reshape(-1)
     counts = np.zeros(int(info.max) + offset + 1, dtype=np.int64)
-    for start in range(0, flat.size, _HIST_CHUNK):
-        chunk = flat[start : start + _HIST_CHUNK]
+    for start in range(0, flat.size, SLAB_VOXELS):
+        chunk = flat[start : start + SLAB_VOXELS]
         if offset:
             chunk = chunk.astype(np.int32) + offset
         counts += np.bincount(chunk, minlength=counts.size)
@@ -380,7 +380,7 @@ def _ssim_pairs(
     sums = [0.0] * len(pairs)
 
     if backend is None:
-        nz, ny = block or _block_rows(shape, _SCIPY_BLOCK_VOXELS, _SCIPY_BLOCK_Z)
+        nz, ny = block or _block_rows(shape, SLAB_VOXELS, _SCIPY_BLOCK_Z)
         arrays = [_to_numpy(v) for v in vols]
 
         def work(b: tuple[int, int, int, int]) -> list[float]:
@@ -485,8 +485,8 @@ def n_ssim(pred: ArrayLike, gt: ArrayLike, inp: ArrayLike, *, device: Device = N
 def _minmax(x: np.ndarray) -> tuple[float, float]:
     flat = x.reshape(-1)
     lo, hi = math.inf, -math.inf
-    for start in range(0, flat.size, _HIST_CHUNK):
-        chunk = flat[start : start + _HIST_CHUNK]
+    for start in range(0, flat.size, SLAB_VOXELS):
+        chunk = flat[start : start + SLAB_VOXELS]
         lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
     return lo, hi
 
@@ -503,8 +503,8 @@ def otsu_threshold(x: ArrayLike, nbins: int = 256) -> float:
     flat = arr.reshape(-1)
     hist = np.zeros(nbins, dtype=np.float64)
     edges = np.linspace(lo, hi, nbins + 1)
-    for start in range(0, flat.size, _HIST_CHUNK):
-        hist += np.histogram(flat[start : start + _HIST_CHUNK], bins=nbins, range=(lo, hi))[0]
+    for start in range(0, flat.size, SLAB_VOXELS):
+        hist += np.histogram(flat[start : start + SLAB_VOXELS], bins=nbins, range=(lo, hi))[0]
     centers = (edges[:-1] + edges[1:]) / 2
     weight1 = np.cumsum(hist)
     weight2 = np.cumsum(hist[::-1])[::-1]
@@ -518,9 +518,9 @@ def otsu_threshold(x: ArrayLike, nbins: int = 256) -> float:
 def _mask_counts(a: np.ndarray, ta: float, b: np.ndarray, tb: float) -> tuple[int, int]:
     fa, fb = a.reshape(-1), b.reshape(-1)
     inter = union = 0
-    for start in range(0, fa.size, _HIST_CHUNK):
-        ma = fa[start : start + _HIST_CHUNK] > ta
-        mb = fb[start : start + _HIST_CHUNK] > tb
+    for start in range(0, fa.size, SLAB_VOXELS):
+        ma = fa[start : start + SLAB_VOXELS] > ta
+        mb = fb[start : start + SLAB_VOXELS] > tb
         inter += int(np.count_nonzero(ma & mb))
         union += int(np.count_nonzero(ma | mb))
     return inter, union

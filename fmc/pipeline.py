@@ -23,8 +23,8 @@ import torch
 from fmc.acceleration import Forward, KernelOptions, build_forward
 from fmc.difference_weighting import difference_weighting_, released_difference_weighting_
 from fmc.distance import coarse_distance_channel
-from fmc.memory import high_water_gib
-from fmc.method import STEP2_INPUTS, MethodSettings
+from fmc.memory import SLAB_VOXELS, high_water_gib
+from fmc.method import STEP2_INPUTS, TARGET_SPACING_UM, MethodSettings
 from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.tiling import Deadline, PatchSource, TilingConfig, sliding_window_inference
@@ -48,7 +48,7 @@ class PipelineConfig:
     step1_mode: str | None = None  # "output" | "correction"; None: the card's
     tta: bool = False
     global_size: int | None = None  # None: what the step-1 model was trained at (card)
-    target_spacing: float = 0.6
+    target_spacing: float = TARGET_SPACING_UM
     tiling: TilingConfig = field(default_factory=TilingConfig)
     kernels: KernelOptions = field(default_factory=KernelOptions)
 
@@ -554,7 +554,9 @@ def out_of_memory_fallbacks(
     return ladder
 
 
-def _replace_non_finite_(prediction: torch.Tensor, image: torch.Tensor, slab_voxels: int = 1 << 24) -> int:
+def _replace_non_finite_(
+    prediction: torch.Tensor, image: torch.Tensor, slab_voxels: int = SLAB_VOXELS
+) -> int:
     """Give voxels where the networks produced inf / NaN the input's value (in place, z-slab by z-slab).
 
     Why: a network run in float16 (the CUDA default) overflows above 65504; a case should

@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fmc.method import TARGET_SPACING_UM
 from fmc.upload import DeviceVolume
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ BLOCK_ROWS = 64  # output rows per GEMM block along y and x: bounds the band, ke
 SITK_TOLERANCE = 1e-2  # max |sitk - torch| / data range on smooth data (measured <= 4e-3)
 
 
-def isotropic_shape(shape: Sequence[int], spacing: Sequence[float], target: float = 0.6) -> Shape3:
+def isotropic_shape(
+    shape: Sequence[int], spacing: Sequence[float], target: float = TARGET_SPACING_UM
+) -> Shape3:
     """Grid size at ``target`` um per voxel covering the same physical extent (at least 1 voxel)."""
     if len(shape) != 3 or len(spacing) != 3:
         raise ValueError(f"expected 3-D shape and spacing, got {tuple(shape)} and {tuple(spacing)}")

@@ -45,12 +45,13 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.spatial import cKDTree
 
+from fmc.method import CHANNELS
+
 log = logging.getLogger(__name__)
 
 Vec3 = tuple[float, float, float]
 Shape3 = tuple[int, int, int]
 
-CHANNELS = ("nucleus", "membrane")
 #: Spacing (z, y, x) in micrometres of the five FuseMyCells studies (docs/task.md, Data).
 STUDY_SPACINGS: dict[int, Vec3] = {
     1: (1.0, 0.195, 0.195),

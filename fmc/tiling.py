@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from fmc.acceleration import AUTOCAST_DTYPES
+from fmc.memory import SLAB_VOXELS
+from fmc.method import DEFAULT_PATCH
 
 log = logging.getLogger(__name__)
 
 Shape3 = tuple[int, int, int]
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 LOG_EVERY_SECONDS = 30.0
-_DIVIDE_SLAB_VOXELS = 1 << 24
 # With a deadline, at most this many network batches wait in the CUDA queue, so the clock
 # measures finished work (the GPU still always has the next batch queued).
 QUEUED_BATCHES = 2
@@ -50,7 +51,7 @@ _clock = time.perf_counter  # the tests substitute a fake clock
 class TilingConfig:
     """Sliding-window settings. ``patch`` is (z, y, x) voxels; ``overlap`` the fraction in [0, 1)."""
 
-    patch: tuple[int, int, int] = (128, 128, 128)
+    patch: tuple[int, int, int] = (DEFAULT_PATCH,) * 3
     overlap: float = 0.5
     batch: int = 2
     autocast: str | None = None  # None | "bf16" | "fp16"
@@ -266,7 +267,7 @@ def _normalize(out: torch.Tensor, sums: list[tuple[torch.Tensor, ...]], floor: f
     hann_yx = ((1.0 - floor) * hy[:, None] * hx[None, :]).to(device, torch.float32)
     cz, hz = cz.to(device, torch.float32), hz.to(device, torch.float32)
     plane = out.shape[2] * out.shape[3]
-    rows = max(1, _DIVIDE_SLAB_VOXELS // plane)
+    rows = max(1, SLAB_VOXELS // plane)
     for z0 in range(0, out.shape[1], rows):
         z1 = min(z0 + rows, out.shape[1])
         weight = cz[z0:z1, None, None] * count_yx

@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from fmc.distance import coarse_distance_channel
-from fmc.io import TARGET_SPACING_UM, CaseError, read_case
+from fmc.io import CaseError, read_case
+from fmc.method import DEFAULT_GLOBAL_SIZE, TARGET_SPACING_UM
 from fmc.metrics import percentile_normalize
 from fmc.resample import isotropic_shape, resample_to_shape
 from fmc.training.pairs import PairedFiles, find_pairs, reconcile
@@ -45,7 +46,7 @@ class PrepareConfig:
     cache: Path
     workers: int = 1
     device: str = "auto"
-    global_size: int = 224
+    global_size: int = DEFAULT_GLOBAL_SIZE
     target_spacing: float = TARGET_SPACING_UM
     low: float = 2.0
     high: float = 99.8

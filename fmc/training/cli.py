@@ -17,8 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fmc.method import DW_FORMS, STEP1_MODES
-from fmc.training.config import ABLATIONS, CHANNELS, STAGES, STEP2_RESIDUALS, FitConfig, resolve_config
+from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DW_FORMS, STEP1_MODES
+from fmc.training.config import ABLATIONS, STAGES, STEP2_RESIDUALS, FitConfig, resolve_config
 
 log = logging.getLogger("fmc.train")
 
@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--cache", type=Path, required=True, help="cache folder (created)")
     prep.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     prep.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to resample")
-    prep.add_argument("--global-size", type=int, default=224, help="edge of the step-1 global volume")
+    prep.add_argument(
+        "--global-size", type=int, default=DEFAULT_GLOBAL_SIZE, help="edge of the step-1 global volume"
+    )
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     fit = sub.add_parser(

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmc.method import DW_FORMS, STEP1_MODES, MethodSettings
+from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DEFAULT_PATCH, DW_FORMS, STEP1_MODES, MethodSettings
 
 STAGES = ("1", "2", "both", "joint")
 STEP2_RESIDUALS = ("input", "step1")
-CHANNELS = ("nucleus", "membrane")
 
 # Table 1 of Wodzinski & Mueller (ISBI 2025): which parts of the method are switched on.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -51,8 +50,8 @@ class FitConfig:
     step2_enabled: bool = True  # the model has a patch step (False: step1-only ablation)
     step1_ckpt: str | None = None  # step-1 checkpoint for a "--step 2" run (default: this run's step1/)
     preset: str = "small"
-    global_size: int = 224
-    patch: int = 128
+    global_size: int = DEFAULT_GLOBAL_SIZE
+    patch: int = DEFAULT_PATCH
     flips: bool = True
     # "correction": step 1 predicts a change added to the 0.6 um input, and every network starts as
     # the identity, so the untrained pipeline is the resampled input (fmc.method); "output": the paper

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fmc.method import CHANNELS
 from fmc.network import RUNet, RUNetConfig
 from fmc.training.checkpoints import load_checkpoint, sub_state
 from fmc.training.config import FitConfig
@@ -27,7 +28,7 @@ from fmc.weights import ModelCard, save_model
 
 log = logging.getLogger(__name__)
 
-EXPORT_CHANNELS = ("any", "nucleus", "membrane")
+EXPORT_CHANNELS = ("any", *CHANNELS)
 FILE_MODE = 0o644
 FOLDER_MODE = 0o755
 
