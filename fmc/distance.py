@@ -7,13 +7,15 @@ surface of the specimen's convex hull, 0 on the surface, positive inside, negati
 micrometres; they report it consistently beat the raw image alone. It acts as a positional
 encoding.
 
-Here it is computed on a coarse ``DISTANCE_GRID``^3 cube of the normalized 0.6 um volume (a smooth
-field needs no more; it costs no full-size volume) and upsampled per patch like the step-1
-channel. The specimen is the Otsu foreground of that cube (:func:`fmc.metrics.otsu_threshold`);
-its convex hull comes from Qhull (``scipy.spatial.ConvexHull``) and the distance from the hull's
-facet planes, in torch on the volume's device (the GPU when present). Inside a convex hull the
-distance to its surface is exactly the smallest distance to a facet plane; outside, the largest facet-plane distance is the
-distance in front of a face and a lower bound near edges and corners (there it matters least).
+Here it is computed on a coarse ``DISTANCE_GRID``^3 cube of the normalized 0.6 um volume (a
+smooth field needs no more; it costs no full-size volume) and upsampled per patch like the
+step-1 channel. The specimen is the Otsu foreground of that cube
+(:func:`fmc.metrics.otsu_threshold`); its convex hull comes from Qhull
+(``scipy.spatial.ConvexHull``) and the distance from the hull's facet planes, in torch on the
+volume's device (the GPU when present). Inside a convex hull the distance to its surface is
+exactly the smallest distance to a facet plane; outside, the largest facet-plane distance is
+the distance in front of a face and a lower bound near edges and corners (there it matters
+least).
 """
 
 from __future__ import annotations
