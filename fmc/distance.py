@@ -7,13 +7,15 @@ surface of the specimen's convex hull, 0 on the surface, positive inside, negati
 micrometres; they report it consistently beat the raw image alone. It acts as a positional
 encoding.
 
-Here it is computed on a coarse ``DISTANCE_GRID``^3 cube of the normalized 0.6 um volume (a smooth
-field needs no more; it costs no full-size volume) and upsampled per patch like the step-1
-channel. The specimen is the Otsu foreground of that cube; its convex hull comes from Qhull
+Here it is computed on a coarse ``DISTANCE_GRID``^3 cube of the normalized 0.6 um volume (a
+smooth field needs no more; it costs no full-size volume) and upsampled per patch like the
+step-1 channel. The specimen is the Otsu foreground of that cube
+(:func:`fmc.metrics.otsu_threshold`); its convex hull comes from Qhull
 (``scipy.spatial.ConvexHull``) and the distance from the hull's facet planes, in torch on the
 volume's device (the GPU when present). Inside a convex hull the distance to its surface is
-exactly the smallest distance to a facet plane; outside, the largest facet-plane distance is the
-distance in front of a face and a lower bound near edges and corners (there it matters least).
+exactly the smallest distance to a facet plane; outside, the largest facet-plane distance is
+the distance in front of a face and a lower bound near edges and corners (there it matters
+least).
 """
 
 from __future__ import annotations
@@ -24,32 +26,13 @@ import numpy as np
 import torch
 from scipy.spatial import ConvexHull, QhullError
 
+from fmc.metrics import otsu_threshold
 from fmc.resample import resample_to_shape
 
 log = logging.getLogger(__name__)
 
 DISTANCE_GRID = 64  # edge of the coarse cube the distance is computed on
 DISTANCE_UNIT_UM = 10.0  # the network sees distance / 10 um: values of the image's order
-
-
-def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
-    """The threshold that maximizes the between-class variance of ``values`` (Otsu 1979)."""
-    flat = values.detach().flatten().float()
-    low, high = float(flat.min()), float(flat.max())
-    if not high > low:
-        return high
-    counts = torch.histc(flat, bins=bins, min=low, max=high).double()
-    centres = (
-        low + (torch.arange(bins, dtype=torch.float64, device=counts.device) + 0.5) * (high - low) / bins
-    )
-    weight_below = counts.cumsum(0)
-    weight_above = counts.sum() - weight_below
-    mass_below = (counts * centres).cumsum(0)
-    mean_below = mass_below / weight_below.clamp(min=1e-12)
-    mean_above = (mass_below[-1] - mass_below) / weight_above.clamp(min=1e-12)
-    between = weight_below * weight_above * (mean_below - mean_above) ** 2
-    # the upper edge of the best bin: voxels above it are the foreground
-    return low + (int(torch.argmax(between[:-1])) + 1) * (high - low) / bins
 
 
 def voxel_centres_um(
@@ -73,7 +56,7 @@ def signed_hull_distance(
     then all zeros (no position information rather than a wrong one), and the log says so.
     """
     shape = tuple(int(s) for s in volume.shape)
-    level = otsu_threshold(volume) if threshold is None else threshold
+    level = otsu_threshold(volume.detach().cpu().numpy()) if threshold is None else threshold
     centres = voxel_centres_um(shape, spacing_um, volume.device)  # type: ignore[arg-type]
     foreground = centres[(volume > level).flatten()].cpu().numpy()
     zeros = torch.zeros(shape, dtype=torch.float32, device=volume.device)

@@ -8,7 +8,6 @@ from fmc.distance import (
     DISTANCE_GRID,
     DISTANCE_UNIT_UM,
     coarse_distance_channel,
-    otsu_threshold,
     signed_hull_distance,
 )
 
@@ -52,13 +51,6 @@ def test_distance_is_positive_inside_and_negative_outside():
     assert float(distance[~inside].max()) <= max(SPACING)  # the voxel layer just outside the hull
     assert float(distance[0, 0, 0]) < -10.0  # a corner is far outside
     assert distance.shape == volume.shape and distance.dtype == torch.float32
-
-
-def test_otsu_splits_a_two_level_volume_between_its_levels():
-    values = torch.cat([torch.full((700,), 0.1), torch.full((300,), 0.9)])
-    level = otsu_threshold(values)
-    assert 0.1 < level < 0.9
-    assert int((values > level).sum()) == 300
 
 
 def test_no_hull_gives_a_zero_channel():

@@ -90,7 +90,7 @@ def test_two_runs_give_identical_bytes(tmp_path, weights):
 
 
 def _write_bad_cases(folder: Path) -> dict[str, str]:
-    """One file per fault of docs/task.md (Reliability) that must fail; values: words its error must contain."""
+    """A file per fault (docs/task.md, Reliability) that must fail; values: words its error must hold."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "not_a_tiff.tif").write_bytes(b"this is not a tiff at all" * 10)
     tifffile.imwrite(folder / "truncated.tif", _good_volume((8, 64, 64)))
