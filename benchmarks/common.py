@@ -114,6 +114,7 @@ def write_random_model(root: Path, preset_name: str, seed: int = 0) -> Path:
     import torch
 
     from fmc.network import RUNet, preset
+    from fmc.normalization import CARD_NORMALIZATION
     from fmc.weights import ModelCard, save_model
 
     folder = root / "any"
@@ -125,7 +126,7 @@ def write_random_model(root: Path, preset_name: str, seed: int = 0) -> Path:
             step=step,
             preset=preset_name,
             config=config.to_dict(),
-            normalization={"method": "percentile", "low": 2.0, "high": 99.8},
+            normalization=dict(CARD_NORMALIZATION),
             training={"data": "random weights, written by benchmarks/common.py for timing only"},
         )
         save_model(folder / f"step{step}", RUNet(config), card)

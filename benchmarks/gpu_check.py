@@ -256,7 +256,8 @@ def compare_volumes(reference: Path, other: Path) -> dict:
     import numpy as np
     import tifffile
 
-    from fmc.metrics import percentile_normalize, ssim3d
+    from fmc.metrics import ssim3d
+    from fmc.normalization import percentile_normalize
 
     a = tifffile.imread(reference).astype(np.int32)
     b = tifffile.imread(other).astype(np.int32)

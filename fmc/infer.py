@@ -35,6 +35,7 @@ from fmc.io import (
     write_prediction,
 )
 from fmc.method import DEFAULT_PATCH, DW_FORMS
+from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
 from fmc.planner import DEFAULT_BUDGET_SECONDS, SAFETY_MARGIN_SECONDS
 from fmc.tiling import TilingConfig
@@ -390,7 +391,7 @@ def _check_explicit_choice(explicit: Path | None, models: ModelSet, channel: str
 def _u8(projection: np.ndarray) -> np.ndarray:
     """Contrast-stretched to uint8 (2nd-99.8th percentile), as the metric normalizes volumes."""
     projection = projection.astype(np.float32)
-    low, high = np.percentile(projection, (2, 99.8))
+    low, high = np.percentile(projection, (PERCENTILE_LOW, PERCENTILE_HIGH))
     scaled = np.clip((projection - low) / (high - low if high > low else 1.0), 0, 1)
     return (scaled * 255).astype(np.uint8)
 

@@ -54,8 +54,9 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from fmc.memory import SLAB_VOXELS
+from fmc.memory import z_slabs
 from fmc.method import CHANNELS, TARGET_SPACING_UM
+from fmc.normalization import UINT16_MAX, clip_to_uint16
 
 log = logging.getLogger(__name__)
 
@@ -717,16 +718,10 @@ def _check_dtype(path: Path, dtype: np.dtype) -> None:
         raise CaseError(path, f"unsupported dtype {dtype}")
 
 
-def _slabs(volume: np.ndarray) -> Iterator[slice]:
-    step = max(1, SLAB_VOXELS // max(1, int(np.prod(volume.shape[1:]))))
-    for start in range(0, volume.shape[0], step):
-        yield slice(start, min(start + step, volume.shape[0]))
-
-
-def _replace_non_finite(volume: np.ndarray) -> int:
+def zero_non_finite_(volume: np.ndarray) -> int:
     """Set NaN/Inf voxels to 0 in place, slab by slab (no full-size temporaries); returns the count."""
     count = 0
-    for zs in _slabs(volume):
+    for zs in z_slabs(volume):
         slab = volume[zs]
         bad = ~np.isfinite(slab)
         n = int(np.count_nonzero(bad))
@@ -741,7 +736,7 @@ def _is_constant(volume: np.ndarray) -> bool:
     first = volume.reshape(-1)[0]
     if volume[0].min() != volume[0].max():
         return False
-    return all(bool(np.all(volume[zs] == first)) for zs in _slabs(volume))
+    return all(bool(np.all(volume[zs] == first)) for zs in z_slabs(volume))
 
 
 def _ifd_chain_problem(tif: tifffile.TiffFile) -> str | None:
@@ -854,7 +849,7 @@ def read_case(path: Path) -> Case:
     dtype = volume.dtype
     if dtype.kind == "f":
         log.warning("%s: %s data (expected uint16): intensities used as they are", name, dtype.name)
-        bad = _replace_non_finite(volume)
+        bad = zero_non_finite_(volume)
         if bad:
             log.warning("%s: %d NaN/Inf voxel(s) of %d replaced with 0", name, bad, volume.size)
     elif dtype.itemsize == 1:
@@ -963,9 +958,6 @@ class IntensityMap:
         }
 
 
-UINT16_MAX = 65535
-
-
 def fit_uint16_range(case: Case) -> IntensityMap | None:
     """Bring a case whose values do not fit uint16 (negatives, above 65535) into it by an affine map.
 
@@ -981,12 +973,12 @@ def fit_uint16_range(case: Case) -> IntensityMap | None:
     volume = case.volume
     if volume.dtype == np.uint16 or volume.dtype.kind not in "iuf" or volume.size == 0:
         return None
-    low_value = float(min(volume[zs].min() for zs in _slabs(volume)))
-    high_value = float(max(volume[zs].max() for zs in _slabs(volume)))
+    low_value = float(min(volume[zs].min() for zs in z_slabs(volume)))
+    high_value = float(max(volume[zs].max() for zs in z_slabs(volume)))
     if low_value >= 0 and high_value <= UINT16_MAX:
         return None
-    below = sum(int(np.count_nonzero(volume[zs] < 0)) for zs in _slabs(volume))
-    above = sum(int(np.count_nonzero(volume[zs] > UINT16_MAX)) for zs in _slabs(volume))
+    below = sum(int(np.count_nonzero(volume[zs] < 0)) for zs in z_slabs(volume))
+    above = sum(int(np.count_nonzero(volume[zs] > UINT16_MAX)) for zs in z_slabs(volume))
     low = min(low_value, 0.0)
     span = high_value - low
     # integers: a shift keeps them exact when they fit; floats carry no integer meaning, and a
@@ -994,7 +986,7 @@ def fit_uint16_range(case: Case) -> IntensityMap | None:
     fits = span <= UINT16_MAX and volume.dtype.kind in "iu"
     scale = 1.0 if fits else UINT16_MAX / span if span > 0 else 1.0
     out = np.empty(volume.shape, dtype=np.uint16)
-    for zs in _slabs(volume):
+    for zs in z_slabs(volume):
         if scale == 1.0 and volume.dtype.kind in "iu":
             out[zs] = volume[zs].astype(np.int64) - int(low)
         else:
@@ -1076,28 +1068,6 @@ def output_metadata(meta: CaseMetadata) -> dict[str, Any]:
         out["channel"] = meta.channel
     if meta.study is not None:
         out["study"] = int(meta.study)
-    return out
-
-
-def _to_uint16(volume: np.ndarray) -> np.ndarray:
-    """uint16 copy of ``volume`` (clipped, rounded, NaN -> 0), converted slab by slab."""
-    volume = np.asarray(volume)
-    if volume.dtype == np.uint16:
-        return np.ascontiguousarray(volume)
-    if volume.dtype.kind not in "buif":
-        raise TypeError(f"cannot write a {volume.dtype} volume as uint16")
-    out = np.empty(volume.shape, dtype=np.uint16)
-    if volume.ndim == 0 or volume.size == 0:
-        return out
-    for zs in _slabs(volume):
-        slab = volume[zs]
-        if slab.dtype.kind == "f":
-            slab = np.nan_to_num(slab, nan=0.0, posinf=65535.0, neginf=0.0)
-            np.clip(slab, 0, 65535, out=slab)
-            np.rint(slab, out=slab)
-        elif slab.dtype.kind in "iu":
-            slab = np.clip(slab, 0, 65535)
-        out[zs] = slab
     return out
 
 
@@ -1215,7 +1185,7 @@ def write_prediction(path: Path, volume: np.ndarray, meta: CaseMetadata) -> None
     ``unit: um`` whichever one a reader trusts. Atomic (see :func:`atomic_write`).
     """
     path = Path(path)
-    data = _to_uint16(volume)
+    data = clip_to_uint16(volume)
     if data.ndim != 3:
         raise ValueError(f"{path.name}: prediction must be 3-D ZYX, got shape {data.shape}")
     options: dict[str, Any] = {

@@ -8,8 +8,10 @@ process reads at exit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 GIB = float(1 << 30)
@@ -29,3 +31,10 @@ def high_water_gib(device: torch.device) -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def z_slabs(volume: np.ndarray) -> Iterator[slice]:
+    """Slices of whole z planes holding about ``SLAB_VOXELS`` voxels each, covering ``volume``."""
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(volume.shape[1:]))))
+    for start in range(0, volume.shape[0], step):
+        yield slice(start, min(start + step, volume.shape[0]))

@@ -1,4 +1,4 @@
-"""FuseMyCells evaluation metrics: percentile normalization, 3-D SSIM, N_SSIM and a proxy N_IoU.
+"""FuseMyCells evaluation metrics: 3-D SSIM, N_SSIM and a proxy N_IoU (normalization: fmc.normalization).
 
 The challenge's evaluation code is not public; this module fixes one explicit definition
 (see :func:`ssim3d`) that matches ``skimage.metrics.structural_similarity`` with
@@ -33,14 +33,20 @@ import scipy.ndimage as ndi
 import torch
 
 from fmc.memory import SLAB_VOXELS
+from fmc.normalization import (
+    PERCENTILE_HIGH,
+    PERCENTILE_LOW,
+    VolumeNorm,
+    apply_norm_numpy,
+    apply_norm_torch,
+    norm_of,
+)
 
 log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 Device = str | torch.device | None
 
-PERCENTILE_LOW = 2.0
-PERCENTILE_HIGH = 99.8
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
 SSIM_K1 = 0.01
@@ -50,10 +56,6 @@ SSIM_DATA_RANGE = 1.0
 SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
 #: skimage's win_size for gaussian weights (2 * radius + 1 = 11); it crops (win_size - 1) // 2.
 SSIM_WIN_SIZE = 2 * SSIM_RADIUS + 1
-#: numpy float volumes above this size get percentiles from a regular, deterministic subsample.
-NUMPY_EXACT_PERCENTILE_MAX = 50_000_000
-#: torch volumes above this size get percentiles from a regular subsample (kthvalue on <= this many).
-TORCH_EXACT_PERCENTILE_MAX = 16_000_000
 #: Baseline Gaussian sigmas (voxels) per channel; unknown channels use the membrane value.
 BASELINE_SIGMA = {"nucleus": 0.442, "membrane": 0.5}
 BASELINE_SIGMA_DEFAULT = 0.5
@@ -72,146 +74,6 @@ def _gaussian_kernel() -> np.ndarray:
 
 
 _KERNEL = _gaussian_kernel()
-
-
-# --------------------------------------------------------------------------- normalization
-
-
-def _numpy_int_percentiles(x: np.ndarray, qs: Sequence[float]) -> list[float]:
-    """Exact np.percentile (linear method) for <=16-bit integers via a chunked histogram.
-
-    Avoids np.percentile's full float64 copy and partition of a 1 G-voxel volume.
-    """
-    info = np.iinfo(x.dtype)
-    offset = -int(info.min)
-    flat = x.reshape(-1)
-    counts = np.zeros(int(info.max) + offset + 1, dtype=np.int64)
-    for start in range(0, flat.size, SLAB_VOXELS):
-        chunk = flat[start : start + SLAB_VOXELS]
-        if offset:
-            chunk = chunk.astype(np.int32) + offset
-        counts += np.bincount(chunk, minlength=counts.size)
-    return percentiles_from_counts(counts, offset, qs)
-
-
-def percentiles_from_counts(counts: np.ndarray, offset: int, qs: Sequence[float]) -> list[float]:
-    """np.percentile's linear method from a histogram: ``counts[i]`` voxels hold the value ``i - offset``."""
-    cum = np.cumsum(counts)
-    n = int(cum[-1])
-
-    def order_stat(k: int) -> float:  # k-th smallest value, 0-based
-        return float(np.searchsorted(cum, k, side="right") - offset)
-
-    out = []
-    for q in qs:
-        h = (n - 1) * q / 100.0
-        k = math.floor(h)
-        lo = order_stat(k)
-        hi = order_stat(min(k + 1, n - 1))
-        out.append(lo + (h - k) * (hi - lo))
-    return out
-
-
-def _numpy_percentiles(x: np.ndarray, qs: Sequence[float]) -> list[float]:
-    if x.size == 0:
-        raise ValueError("empty array has no percentiles")
-    if x.dtype.kind in "ui" and x.dtype.itemsize <= 2:
-        return _numpy_int_percentiles(x, qs)
-    flat = x.reshape(-1)
-    if flat.size > NUMPY_EXACT_PERCENTILE_MAX:
-        step = math.ceil(flat.size / NUMPY_EXACT_PERCENTILE_MAX)
-        flat = flat[::step]
-    return [float(v) for v in np.percentile(flat, list(qs))]
-
-
-def _torch_percentiles(x: torch.Tensor, qs: Sequence[float]) -> list[float]:
-    """Linear-interpolated percentiles with kthvalue (torch.quantile refuses > 16 M elements)."""
-    flat = x.detach().reshape(-1)
-    if flat.numel() == 0:
-        raise ValueError("empty tensor has no percentiles")
-    if flat.numel() > TORCH_EXACT_PERCENTILE_MAX:
-        step = math.ceil(flat.numel() / TORCH_EXACT_PERCENTILE_MAX)
-        flat = flat[::step]
-    flat = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
-    n = flat.numel()
-    out = []
-    for q in qs:
-        h = (n - 1) * q / 100.0
-        k = math.floor(h)
-        lo = float(torch.kthvalue(flat, k + 1).values)
-        hi = float(torch.kthvalue(flat, min(k + 2, n)).values)
-        out.append(lo + (h - k) * (hi - lo))
-    return out
-
-
-def percentile_bounds(
-    x: ArrayLike, low: float = PERCENTILE_LOW, high: float = PERCENTILE_HIGH
-) -> tuple[float, float]:
-    """(p_low, p_high) of a volume, as np.percentile's linear method.
-
-    Exact for numpy integer volumes of <= 16 bits (chunked histogram, any size) and for other
-    volumes up to 50 M (numpy) / 16 M (torch) voxels; larger ones use every k-th voxel
-    (deterministic) so the cost stays bounded.
-    """
-    if isinstance(x, torch.Tensor):
-        lo, hi = _torch_percentiles(x, (low, high))
-    else:
-        lo, hi = _numpy_percentiles(np.asarray(x), (low, high))
-    return lo, hi
-
-
-@dataclass(frozen=True)
-class _Norm:
-    """Affine map ``(x - lo) / scale``; ``scale == 0`` means a constant volume, mapped to zeros."""
-
-    lo: float = 0.0
-    scale: float = 1.0
-
-
-def _norm_of(x: ArrayLike, low: float, high: float) -> _Norm:
-    lo, hi = percentile_bounds(x, low, high)
-    scale = hi - lo
-    if not (scale > 0 and math.isfinite(scale)):
-        log.warning("constant volume (p%g == p%g == %g): normalized to zeros", low, high, lo)
-        return _Norm(0.0, 0.0)
-    return _Norm(lo, scale)
-
-
-def _apply_norm_np(x: np.ndarray, norm: _Norm | None) -> np.ndarray:
-    out = x.astype(np.float32, copy=True)
-    if norm is None:
-        return out
-    if norm.scale == 0:
-        out[...] = 0
-        return out
-    out -= np.float32(norm.lo)
-    out /= np.float32(norm.scale)
-    return out
-
-
-def _apply_norm_torch(x: torch.Tensor, norm: _Norm | None) -> torch.Tensor:
-    out = x.to(torch.float32)
-    if out.data_ptr() == x.data_ptr():
-        out = out.clone()
-    if norm is None:
-        return out
-    if norm.scale == 0:
-        return out.zero_()
-    return out.sub_(norm.lo).div_(norm.scale)
-
-
-def percentile_normalize(
-    x: ArrayLike, low: float = PERCENTILE_LOW, high: float = PERCENTILE_HIGH
-) -> ArrayLike:
-    """``(x - p_low) / (p_high - p_low)`` as float32, numpy in -> numpy out, torch in -> torch out.
-
-    This is the challenge's normalization (no clipping). A constant volume (zero denominator)
-    becomes zeros instead of NaN/Inf, with a warning.
-    """
-    norm = _norm_of(x, low, high)
-    if isinstance(x, torch.Tensor):
-        return _apply_norm_torch(x, norm)
-    return _apply_norm_np(np.asarray(x), norm)
 
 
 # --------------------------------------------------------------------------- SSIM machinery
@@ -365,7 +227,7 @@ def _load_block_torch(v: ArrayLike, sl: tuple[slice, ...], device: torch.device)
 
 def _ssim_pairs(
     vols: Sequence[ArrayLike],
-    norms: Sequence[_Norm | None],
+    norms: Sequence[VolumeNorm | None],
     pairs: Sequence[tuple[int, int]],
     *,
     device: Device = None,
@@ -386,7 +248,7 @@ def _ssim_pairs(
         def work(b: tuple[int, int, int, int]) -> list[float]:
             z0, z1, y0, y1 = b
             sl = (slice(z0 - r, z1 + r), slice(y0 - r, y1 + r), slice(None))
-            blocks = [_apply_norm_np(a[sl], n) for a, n in zip(arrays, norms, strict=True)]
+            blocks = [apply_norm_numpy(a[sl], n) for a, n in zip(arrays, norms, strict=True)]
             moments = _Moments(blocks, _filter_valid_np, np)
             return [moments.ssim_sum(i, j) for i, j in pairs]
 
@@ -400,7 +262,7 @@ def _ssim_pairs(
             for z0, z1, y0, y1 in _blocks(shape, nz, ny):
                 sl = (slice(z0 - r, z1 + r), slice(y0 - r, y1 + r), slice(None))
                 blocks = [
-                    _apply_norm_torch(_load_block_torch(v, sl, backend), n)
+                    apply_norm_torch(_load_block_torch(v, sl, backend), n)
                     for v, n in zip(vols, norms, strict=True)
                 ]
                 moments = _Moments(blocks, _filter_valid_torch, torch)
@@ -466,7 +328,7 @@ def ssim_scores(
     block: tuple[int, int] | None = None,
 ) -> SsimScores:
     """Percentile-normalize each raw volume, then SSIM(pred, gt), SSIM(input, gt) and N_SSIM in one pass."""
-    norms = [_norm_of(v, low, high) for v in (gt, pred, inp)]
+    norms = [norm_of(v, low, high) for v in (gt, pred, inp)]
     s_pred, s_inp = _ssim_pairs([gt, pred, inp], norms, [(1, 0), (2, 0)], device=device, block=block)
     return SsimScores(ssim_pred=s_pred, ssim_input=s_inp, n_ssim=normalized_gain(s_pred, s_inp))
 

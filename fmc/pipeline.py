@@ -25,6 +25,7 @@ from fmc.difference_weighting import difference_weighting_, released_difference_
 from fmc.distance import coarse_distance_channel
 from fmc.memory import SLAB_VOXELS, high_water_gib
 from fmc.method import STEP2_INPUTS, TARGET_SPACING_UM, MethodSettings
+from fmc.normalization import to_input_range_uint16
 from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.tiling import Deadline, PatchSource, TilingConfig, sliding_window_inference
@@ -32,8 +33,6 @@ from fmc.upload import upload
 from fmc.weights import LoadedModel, ModelSet, WeightsError
 
 log = logging.getLogger(__name__)
-
-UINT16_MAX = 65535
 
 
 @dataclass
@@ -317,13 +316,13 @@ class FusionPipeline:
             with self._stage(timings, "step2", dev):
                 prediction = self._patch_step(iso, step1_small, deadline, reserve_seconds)
                 if prediction is not None:
-                    _replace_non_finite_(prediction, iso)
+                    take_input_where_non_finite_(prediction, iso)
         if prediction is None:  # step 2 off or skipped by the planner: step 1 at full resolution
             with self._stage(timings, "step1_upsample", dev):
                 prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
                 if self.correction and step1_small is not None:
                     prediction.add_(iso)
-                _replace_non_finite_(prediction, iso)
+                take_input_where_non_finite_(prediction, iso)
         del step1_small
         return prediction
 
@@ -530,7 +529,7 @@ def to_native_uint16(
     """The method's last step: back to the input's grid, the input's (p2, p99.8) range, uint16."""
     result = np.empty(shape, dtype=np.uint16) if out is None else out
     for z0, slab in resample_slabs(prediction, shape):
-        result[z0 : z0 + slab.shape[0]] = _to_uint16(slab, *bounds)
+        result[z0 : z0 + slab.shape[0]] = to_input_range_uint16(slab, *bounds)
     return result
 
 
@@ -554,7 +553,7 @@ def out_of_memory_fallbacks(
     return ladder
 
 
-def _replace_non_finite_(
+def take_input_where_non_finite_(
     prediction: torch.Tensor, image: torch.Tensor, slab_voxels: int = SLAB_VOXELS
 ) -> int:
     """Give voxels where the networks produced inf / NaN the input's value (in place, z-slab by z-slab).
@@ -582,17 +581,3 @@ def _replace_non_finite_(
 
 def _fits_as_output(array: np.ndarray, shape: tuple[int, ...]) -> bool:
     return array.shape == shape and array.dtype == np.uint16 and array.flags.writeable
-
-
-def _to_uint16(slab: torch.Tensor, low: float, high: float) -> np.ndarray:
-    """Map a normalized prediction slab back to the input's (p2, p99.8) range; clip, round, uint16.
-
-    Converted on the device, so the copy to the host moves 2 bytes per voxel, not 4. The
-    device side uses int16 (offset by 32768), which every backend can cast to; on the host
-    flipping the top bit turns those bits into the uint16 value.
-    """
-    scale = high - low if high > low else 1.0
-    part = (slab * scale + low).clamp_(0, UINT16_MAX).round_().sub_(32768)
-    bits = part.to(torch.int16).cpu().numpy().view(np.uint16)
-    bits ^= np.uint16(0x8000)
-    return bits

@@ -46,6 +46,7 @@ from scipy import ndimage, special
 from scipy.spatial import cKDTree
 
 from fmc.method import CHANNELS
+from fmc.normalization import clip_to_uint16
 
 log = logging.getLogger(__name__)
 
@@ -525,10 +526,6 @@ def _illumination_profile(params: SimulationParams, rng: np.random.Generator) ->
     return profile
 
 
-def _to_uint16(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0, 65535).astype(np.uint16)
-
-
 def simulate_pair(params: SimulationParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Simulate one (angle, fused) pair: two uint16 ZYX volumes of ``params.shape``.
 
@@ -581,7 +578,7 @@ def simulate_pair(params: SimulationParams, seed: int) -> tuple[np.ndarray, np.n
     counts = rng.poisson(np.maximum(photons, 0.0)).astype(np.float32)
     angle = params.offset + params.gain * counts
     angle += params.read_noise * rng.standard_normal(params.shape, dtype=np.float32)
-    return _to_uint16(angle), _to_uint16(fused)
+    return clip_to_uint16(angle), clip_to_uint16(fused)
 
 
 # --------------------------------------------------------------------------- randomization

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fmc.metrics import PERCENTILE_HIGH, PERCENTILE_LOW, percentile_bounds, percentiles_from_counts
+from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW, percentile_bounds, percentiles_from_counts
 
 UINT16_LEVELS = 1 << 16
 _HISTOGRAM_CHUNK = 1 << 26  # voxels per bincount on the device

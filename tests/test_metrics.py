@@ -1,4 +1,4 @@
-"""fmc.metrics: SSIM definition vs skimage, back-end agreement, N_SSIM anchors, normalization, proxy IoU."""
+"""fmc.metrics: SSIM definition vs skimage, back-end agreement, N_SSIM anchors, proxy IoU."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from skimage.filters import threshold_otsu
 from skimage.metrics import structural_similarity
 
 from fmc import metrics
+from fmc.normalization import percentile_normalize
 
 
 def smooth_noise(shape: tuple[int, int, int], seed: int, sigma: float = 2.0) -> np.ndarray:
@@ -95,7 +96,7 @@ def test_n_ssim_identity_is_zero_and_target_is_one(device: str) -> None:
 
 def test_n_ssim_matches_definition_with_skimage() -> None:
     pred, gt, inp = raw_triplet()
-    norm = [metrics.percentile_normalize(v).astype(np.float64) for v in (pred, gt, inp)]
+    norm = [percentile_normalize(v).astype(np.float64) for v in (pred, gt, inp)]
     s_pred, s_inp = skimage_ssim(norm[0], norm[1]), skimage_ssim(norm[2], norm[1])
     expected = (s_pred - s_inp) / (1 - s_inp)
     scores = metrics.ssim_scores(pred, gt, inp, device="scipy", block=(2, 3))
@@ -118,49 +119,6 @@ def test_n_ssim_torch_path_equals_scipy_path_on_raw_volumes() -> None:
 def test_normalized_gain_undefined_when_input_is_perfect() -> None:
     assert math.isnan(metrics.normalized_gain(1.0, 1.0))
     assert metrics.normalized_gain(0.75, 0.5) == pytest.approx(0.5)
-
-
-def test_percentile_normalize_maps_p2_to_0_and_p998_to_1() -> None:
-    x = (np.random.default_rng(3).gamma(2.0, 900.0, size=(10, 40, 50)) + 100).astype(np.uint16)
-    out = metrics.percentile_normalize(x)
-    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == x.shape
-    assert np.percentile(out, 2) == pytest.approx(0.0, abs=1e-5)
-    assert np.percentile(out, 99.8) == pytest.approx(1.0, abs=1e-5)
-    assert out.min() < 0 and out.max() > 1  # no clipping
-    t = metrics.percentile_normalize(torch.from_numpy(x.astype(np.float32)))
-    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
-    np.testing.assert_allclose(t.numpy(), out, atol=1e-6)
-
-
-def test_percentile_normalize_constant_input_gives_zeros() -> None:
-    for x in (np.full((5, 6, 7), 1234, np.uint16), torch.full((5, 6, 7), 3.5)):
-        with np.errstate(all="raise"):
-            out = metrics.percentile_normalize(x)
-        values = out.numpy() if isinstance(out, torch.Tensor) else out
-        assert values.dtype == np.float32 and np.all(values == 0)
-
-
-def test_percentile_normalize_does_not_modify_its_input() -> None:
-    x = torch.linspace(0, 10, 1000)
-    before = x.clone()
-    metrics.percentile_normalize(x)
-    assert torch.equal(x, before)
-
-
-@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int16])
-def test_integer_percentiles_are_exact(dtype: type) -> None:
-    info = np.iinfo(dtype)
-    x = np.random.default_rng(4).integers(info.min, info.max, size=(7, 33, 41), endpoint=True).astype(dtype)
-    assert metrics.percentile_bounds(x) == pytest.approx(tuple(np.percentile(x, [2, 99.8])), abs=1e-9)
-
-
-def test_large_volume_percentiles_use_a_close_subsample(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = np.random.default_rng(5).random((20, 50, 50)).astype(np.float32)
-    exact = np.percentile(x, [2, 99.8])
-    monkeypatch.setattr(metrics, "NUMPY_EXACT_PERCENTILE_MAX", 5000)
-    monkeypatch.setattr(metrics, "TORCH_EXACT_PERCENTILE_MAX", 5000)
-    assert metrics.percentile_bounds(x) == pytest.approx(tuple(exact), abs=0.01)
-    assert metrics.percentile_bounds(torch.from_numpy(x)) == pytest.approx(tuple(exact), abs=0.01)
 
 
 def test_otsu_threshold_matches_skimage() -> None:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmc.metrics import percentile_bounds
+from fmc.normalization import percentile_bounds
 from fmc.resample import resample_to_shape
 from fmc.upload import DeviceVolume, upload
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from fmc.distance import coarse_distance_channel
 from fmc.io import CaseError, read_case
 from fmc.method import DEFAULT_GLOBAL_SIZE, TARGET_SPACING_UM
-from fmc.metrics import percentile_normalize
+from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW, percentile_normalize
 from fmc.resample import isotropic_shape, resample_to_shape
 from fmc.training.pairs import PairedFiles, find_pairs, reconcile
 
@@ -48,8 +48,8 @@ class PrepareConfig:
     device: str = "auto"
     global_size: int = DEFAULT_GLOBAL_SIZE
     target_spacing: float = TARGET_SPACING_UM
-    low: float = 2.0
-    high: float = 99.8
+    low: float = PERCENTILE_LOW
+    high: float = PERCENTILE_HIGH
     progress: bool = True
 
     def settings(self) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from typing import Any
 
 from fmc.method import CHANNELS
 from fmc.network import RUNet, RUNetConfig
+from fmc.normalization import CARD_NORMALIZATION
 from fmc.training.checkpoints import load_checkpoint, sub_state
 from fmc.training.config import FitConfig
-from fmc.training.module import NORMALIZATION
 from fmc.training.split import read_split, split_summary
 from fmc.weights import ModelCard, save_model
 
@@ -154,7 +154,7 @@ def export_checkpoint(
             step=step,
             preset=config.preset,
             config=dict(net_config),
-            normalization=dict(NORMALIZATION),
+            normalization=dict(CARD_NORMALIZATION),
             training={**training, "trained_stage": stage},
             metrics={k: v for k, v in scores.items() if v is not None},
             created=created,

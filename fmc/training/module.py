@@ -26,6 +26,7 @@ from fmc.acceleration import KernelOptions
 from fmc.difference_weighting import difference_weighting
 from fmc.metrics import n_ssim
 from fmc.network import Discriminator3D, RUNet, RUNetConfig, preset
+from fmc.normalization import CARD_NORMALIZATION
 from fmc.pipeline import FusionPipeline, PipelineConfig
 from fmc.tiling import TilingConfig
 from fmc.training.cache import CachedCase
@@ -40,8 +41,6 @@ from fmc.training.preview import mip_panel, save_png
 from fmc.weights import LoadedModel, ModelCard, ModelSet
 
 log = logging.getLogger(__name__)
-
-NORMALIZATION = {"method": "percentile", "low": 2.0, "high": 99.8}
 
 
 def network_config(config: FitConfig, stage: int) -> RUNetConfig:
@@ -293,7 +292,7 @@ class FusionModule(L.LightningModule):
             step=step,
             preset=self.cfg.preset,
             config=dict(config),
-            normalization=dict(NORMALIZATION),
+            normalization=dict(CARD_NORMALIZATION),
             **extra,
         )
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW
+
 
 def _to_u8(image: np.ndarray) -> np.ndarray:
     """Each panel by its own p2/p99.8, as the metric normalizes volumes."""
-    low, high = np.percentile(image, (2.0, 99.8))
+    low, high = np.percentile(image, (PERCENTILE_LOW, PERCENTILE_HIGH))
     scaled = np.clip((image - low) / (high - low if high > low else 1.0), 0, 1)
     return (scaled * 255).astype(np.uint8)
 
