@@ -22,16 +22,15 @@ import numpy as np
 import torch
 
 from fmc.acceleration import COMPILE_MODES, PRECISIONS, KernelOptions
+from fmc.atomic import atomic_write, remove_stale_partials
 from fmc.io import (
     CaseError,
     OutputError,
-    atomic_write,
     check_output_target,
     check_writable_folder,
     fit_uint16_range,
     list_cases,
     read_case,
-    remove_stale_partials,
     write_prediction,
 )
 from fmc.method import DEFAULT_PATCH, DW_FORMS
@@ -107,7 +106,7 @@ class FusionFailedError(Exception):
 class Interrupted(BaseException):
     """SIGTERM (``docker stop``) or SIGINT: a BaseException, so no retry handler swallows it on its way out.
 
-    On its way it passes :func:`fmc.io.atomic_write`, which removes the hidden temporary.
+    On its way it passes :func:`fmc.atomic.atomic_write`, which removes the hidden temporary.
     """
 
     def __init__(self, signum: int) -> None:

@@ -46,7 +46,7 @@ import re
 import struct
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from fmc.atomic import atomic_write
 from fmc.memory import z_slabs
 from fmc.method import CHANNELS, TARGET_SPACING_UM
 from fmc.normalization import UINT16_MAX, clip_to_uint16
@@ -1071,22 +1072,6 @@ def output_metadata(meta: CaseMetadata) -> dict[str, Any]:
     return out
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temporary in the same folder and rename: readers never see half a file.
-
-    Any exception, a SIGTERM turned into one included (:mod:`fmc.infer`), removes the temporary.
-    """
-    path = Path(path)
-    tmp = partial_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 class OutputError(Exception):
     """An output that cannot be written (permissions, a folder in the way, a full disk).
 
@@ -1136,45 +1121,6 @@ def check_output_target(path: Path) -> None:
         raise OutputError(path, "a folder of that name is in the way")
     if not path.is_file():
         raise OutputError(path, "something that is not a regular file is in the way")
-
-
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
-
-
-def partial_name(path: Path) -> Path:
-    """The hidden temporary a write of ``path`` goes through (same folder, so the rename is atomic)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # ours from an earlier run with the same pid (a container's pid 1): we wrote nothing yet
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def remove_stale_partials(folder: Path) -> list[Path]:
-    """Remove ``.<name>.partial-<pid>`` temporaries whose process is gone (a SIGKILL, a power cut)."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in Path(folder).iterdir():
-            match = _PARTIAL.match(entry.name)
-            if match is None or _process_alive(int(match["pid"])) or not entry.is_file():
-                continue
-            try:
-                entry.unlink()
-            except OSError as error:
-                log.warning("cannot remove the stale temporary %s: %s", entry, _os_reason(error))
-                continue
-            log.warning("removed %s: a temporary left by process %s, which is gone", entry, match["pid"])
-            removed.append(entry)
-    return removed
 
 
 def write_prediction(path: Path, volume: np.ndarray, meta: CaseMetadata) -> None:

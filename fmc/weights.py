@@ -23,15 +23,14 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fmc.atomic import atomic_write
 from fmc.network import RUNet, RUNetConfig
 
 log = logging.getLogger(__name__)
@@ -95,18 +94,6 @@ class ModelSet:
 # --------------------------------------------------------------------------------------------- saving
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)`` to a temporary name in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _stem(path: Path | str) -> Path:
     """``x``, ``x.safetensors`` and ``x.json`` all name the model ``x``."""
     path = Path(path)
@@ -133,7 +120,7 @@ def save_model(path_stem: Path, network: RUNet, card: ModelCard) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in network.state_dict().items()}
     metadata = {"format": "pt", "fmc_format_version": str(card.format_version), "step": str(card.step)}
-    _atomic_write(stem.with_suffix(WEIGHTS_SUFFIX), lambda p: save_file(tensors, str(p), metadata=metadata))
+    atomic_write(stem.with_suffix(WEIGHTS_SUFFIX), lambda p: save_file(tensors, str(p), metadata=metadata))
     write_card(stem.with_suffix(CARD_SUFFIX), card)
     log.info("saved step-%d model (%s) -> %s%s", card.step, card.preset, stem, WEIGHTS_SUFFIX)
 
@@ -141,7 +128,7 @@ def save_model(path_stem: Path, network: RUNet, card: ModelCard) -> None:
 def write_card(path: Path, card: ModelCard) -> None:
     """Write a model card as indented JSON, atomically (a reader never sees half a card)."""
     text = json.dumps(dataclasses.asdict(card), indent=2) + "\n"
-    _atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
 
 
 # -------------------------------------------------------------------------------------------- loading

@@ -25,7 +25,7 @@ import tifffile
 
 from fmc import infer
 from fmc.infer import build_parser, explicit_weights_problem, main, preview_image
-from fmc.io import fit_uint16_range, read_case, remove_stale_partials, write_volume
+from fmc.io import fit_uint16_range, read_case, write_volume
 from fmc.pipeline import FusionPipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -377,16 +377,6 @@ def test_a_temporary_left_by_sigkill_is_removed_by_the_next_run(tmp_path, tiny_w
     assert _run(tmp_path / "in", tmp_path / "out", tiny_weights) == 0
     assert os.listdir(tmp_path / "out") == ["image_1_nucleus_angle.tif"]
     assert any(stale[0] in r.getMessage() and "is gone" in r.getMessage() for r in caplog.records)
-
-
-def test_stale_temporaries_of_live_processes_and_other_names_stay(tmp_path):
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (tmp_path / f".a.tif.partial-{dead.pid}").write_bytes(b"x")
-    (tmp_path / f".b.tif.partial-{os.getppid()}").write_bytes(b"x")  # a live process: maybe another run
-    (tmp_path / ".notes.partial").write_bytes(b"x")
-    remove_stale_partials(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [f".b.tif.partial-{os.getppid()}", ".notes.partial"]
 
 
 # ------------------------------------------------------------------ 7. an explicit --weights without a model

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fmc.atomic import atomic_write_bytes
 from fmc.distance import coarse_distance_channel
 from fmc.io import CaseError, read_case
 from fmc.method import DEFAULT_GLOBAL_SIZE, TARGET_SPACING_UM
@@ -132,17 +133,9 @@ def load_manifest(cache: Path) -> Manifest:
     return Manifest.from_dict(json.loads(path.read_text()))
 
 
-def _atomic_write_bytes(path: Path, writer: Any) -> None:
-    """Write through a temporary name in the same folder, then rename: no half files after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        writer(handle)
-    os.replace(tmp, path)
-
-
 def _save_array(path: Path, tensor: torch.Tensor) -> None:
     array = tensor.to(torch.float16).cpu().numpy()
-    _atomic_write_bytes(path, lambda handle: np.save(handle, array))
+    atomic_write_bytes(path, lambda handle: np.save(handle, array))
 
 
 def _stats(path: Path) -> list[int]:
@@ -214,7 +207,7 @@ def prepare_pair(pair: PairedFiles, cache: Path, settings: dict[str, Any], devic
         settings=settings,
     )
     text = json.dumps(asdict(record), indent=2)
-    _atomic_write_bytes(folder / "case.json", lambda handle: handle.write(text.encode()))
+    atomic_write_bytes(folder / "case.json", lambda handle: handle.write(text.encode()))
     return record
 
 
@@ -299,7 +292,7 @@ def prepare_cache(config: PrepareConfig) -> Manifest:
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     text = json.dumps(manifest.to_dict(), indent=2)
-    _atomic_write_bytes(config.cache / MANIFEST_NAME, lambda handle: handle.write(text.encode()))
+    atomic_write_bytes(config.cache / MANIFEST_NAME, lambda handle: handle.write(text.encode()))
     log.info(
         "prepared %d case(s) (%d new) in %.1fs; %d failed; manifest %s",
         len(manifest.cases),

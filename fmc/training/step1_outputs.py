@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from fmc.acceleration import KernelOptions
+from fmc.atomic import atomic_write_bytes
 from fmc.network import RUNet
 from fmc.pipeline import FusionPipeline, PipelineConfig
 from fmc.training.cache import CachedCase
@@ -79,9 +79,6 @@ def compute_step1_outputs(
             iso = torch.from_numpy(np.asarray(case.load(cache, "input"), dtype=np.float32)).to(device)
             out = pipeline.predict_isotropic(iso).to(torch.float16).cpu().numpy()
             target = folder / f"{case.id}.npy"
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            with open(tmp, "wb") as handle:
-                np.save(handle, out)
-            os.replace(tmp, target)
+            atomic_write_bytes(target, lambda handle, out=out: np.save(handle, out))
     network.train(was_training)
     return len(todo)
