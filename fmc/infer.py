@@ -23,6 +23,7 @@ import torch
 
 from fmc.acceleration import COMPILE_MODES, PRECISIONS, KernelOptions
 from fmc.atomic import atomic_write, remove_stale_partials
+from fmc.device import select_device
 from fmc.io import (
     CaseError,
     OutputError,
@@ -174,27 +175,6 @@ class CaseResult:
     ok: bool
     message: str = ""
     seconds: float = 0.0
-
-
-def select_device(requested: str) -> torch.device:
-    """``auto`` takes CUDA when present and says so either way; ``cuda`` without CUDA falls back to CPU."""
-    if requested not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"unknown device {requested!r}: use auto, cuda or cpu")
-    if requested == "cpu":
-        log.info("device: cpu (requested)")
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        try:  # start the context now: a driver that cannot run fails here, not in the middle of a case
-            name = torch.cuda.get_device_name(device)
-            torch.ones(1, device=device).add_(1).cpu()
-        except Exception as error:
-            log.warning("device: CUDA is present but unusable (%s); running on CPU (much slower)", error)
-            return torch.device("cpu")
-        log.info("device: cuda (%s)", name)
-        return device
-    log.warning("device: CUDA is not available, running on CPU (this is much slower)")
-    return torch.device("cpu")
 
 
 def process_age_seconds() -> float:

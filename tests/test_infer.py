@@ -262,16 +262,6 @@ def test_a_case_that_fails_every_attempt_is_reported_and_leaves_no_file(
     assert all("RuntimeError: illegal memory access (simulated)" in m for m in failed)
 
 
-def test_a_cuda_that_cannot_start_falls_back_to_the_cpu(monkeypatch, caplog):
-    def no_kernel_image(device=None):
-        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
-
-    monkeypatch.setattr(infer.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(infer.torch.cuda, "get_device_name", no_kernel_image)
-    assert infer.select_device("auto") == torch.device("cpu")
-    assert "CUDA is present but unusable (CUDA error: no kernel image" in caplog.text
-
-
 def test_freeing_memory_after_a_sticky_cuda_error_does_not_raise(monkeypatch, caplog):
     def broken_empty_cache():
         raise RuntimeError("CUDA error: an illegal memory access was encountered")

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from fmc.atomic import atomic_write_bytes
+from fmc.device import select_device
 from fmc.distance import coarse_distance_channel
 from fmc.io import CaseError, read_case
 from fmc.method import DEFAULT_GLOBAL_SIZE, TARGET_SPACING_UM
@@ -229,26 +230,13 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def resolve_device(requested: str) -> str:
-    """``auto`` -> cuda when present; ``cuda`` without CUDA falls back to CPU with a warning."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {requested!r}: use auto, cpu or cuda")
-    if requested == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if requested == "cuda":
-        log.warning("CUDA is not available: preparing on CPU")
-    return "cpu"
-
-
 def prepare_cache(config: PrepareConfig) -> Manifest:
     """Prepare every pair of ``config.data`` into ``config.cache``; returns (and writes) the manifest."""
     search = find_pairs(config.data)
     for path, reason in search.unpaired:
         log.warning("unpaired: %s: %s", path.name, reason)
     settings = config.settings()
-    device = resolve_device(config.device)
+    device = str(select_device(config.device))
     config.cache.mkdir(parents=True, exist_ok=True)
     done: dict[str, CachedCase] = {}
     todo: list[PairedFiles] = []

@@ -404,11 +404,10 @@ def _labelled(items: list[str], flag: str, example: str) -> list[tuple[str, str]
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    import torch
-
-    from fmc.training.cache import resolve_device
+    from fmc.device import select_device
     from fmc.training.quality_table import score_family, write
 
+    device = select_device(args.device)
     extra = {label: Path(root) for label, root in _labelled(args.extra, "--extra", "gan=runs/gan/weights")}
     rows = []
     for family, folder in _labelled(args.data, "--data", "held-out=runs/heldout"):
@@ -416,7 +415,7 @@ def cmd_table(args: argparse.Namespace) -> int:
             args.weights,
             Path(folder),
             family,
-            torch.device(resolve_device(args.device)),
+            device,
             args.overlap,
             extra,
             {case: args.out / f"preview_{family}_{case}.png" for case in args.preview},

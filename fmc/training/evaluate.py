@@ -103,9 +103,9 @@ def select_pairs(config: EvaluateConfig) -> list[PairedFiles]:
 
 def evaluate(config: EvaluateConfig) -> tuple[list[CaseScore], list[dict[str, Any]]]:
     """Score every selected pair; writes per-case CSV, summary CSV and markdown to ``config.out``."""
-    from fmc.training.cache import resolve_device
+    from fmc.device import select_device
 
-    device = torch.device(resolve_device(config.device))
+    device = select_device(config.device)
     pairs = select_pairs(config)
     if not pairs:
         raise ValueError(f"no pair to evaluate in {config.data} (subset {config.subset})")
