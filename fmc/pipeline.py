@@ -51,10 +51,6 @@ class PipelineConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     kernels: KernelOptions = field(default_factory=KernelOptions)
 
-    def __post_init__(self) -> None:
-        if self.tiling.autocast is not None:  # one place for precision: the networks' options
-            raise ValueError("set the pipeline's precision with kernels=KernelOptions(precision=...)")
-
 
 def _stored_settings(models: ModelSet) -> dict:
     """The ``card.training["pipeline"]`` records of both cards, step 2's winning."""

@@ -32,7 +32,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from fmc.acceleration import AUTOCAST_DTYPES
 from fmc.memory import SLAB_VOXELS
 from fmc.method import DEFAULT_PATCH
 
@@ -54,7 +53,6 @@ class TilingConfig:
     patch: tuple[int, int, int] = (DEFAULT_PATCH,) * 3
     overlap: float = 0.5
     batch: int = 2
-    autocast: str | None = None  # None | "bf16" | "fp16"
     window_floor: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -65,8 +63,6 @@ class TilingConfig:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
-        if self.autocast not in (None, *AUTOCAST_DTYPES):
-            raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {self.autocast!r}")
         if not 0.0 < self.window_floor <= 1.0:
             raise ValueError(f"window_floor must be in (0, 1], got {self.window_floor}")
 
@@ -322,14 +318,6 @@ class _Progress:
             self.bar.close()
 
 
-def _autocast_dtype(config: TilingConfig, device: torch.device) -> torch.dtype | None:
-    dtype = AUTOCAST_DTYPES.get(config.autocast or "")
-    if dtype is torch.float16 and device.type == "cpu":
-        log.debug("fp16 autocast is not supported on CPU; running in float32")
-        return None
-    return dtype
-
-
 def _pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
     """Repeat the last patch up to ``size`` patches.
 
@@ -341,13 +329,6 @@ def _pad_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
     if missing <= 0:
         return batch
     return torch.cat([batch, batch[-1:].expand(missing, *batch.shape[1:])])
-
-
-def _forward(predictor: Predictor, batch: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    if dtype is None:
-        return predictor(batch)
-    with torch.autocast(batch.device.type, dtype=dtype):
-        return predictor(batch)
 
 
 def sliding_window_inference(
@@ -383,7 +364,6 @@ def sliding_window_inference(
     patch: Shape3 = config.patch
     original = source.shape
     floor = float(config.window_floor)
-    dtype = _autocast_dtype(config, device)
 
     with torch.inference_mode():
         before = [0, 0, 0]
@@ -426,7 +406,7 @@ def sliding_window_inference(
                 batch = torch.stack([source.patch(corner, patch) for corner in corners])
                 fetch_seconds = _clock() - fetch_start  # on CUDA: queued, not finished, work
                 if run_network:
-                    pred = _forward(predictor, _pad_batch(batch, full), dtype)
+                    pred = predictor(_pad_batch(batch, full))
                     if pred.shape[0] == full > len(chunk):
                         pred = pred[: len(chunk)]
                     if stopwatch is not None:

@@ -305,11 +305,6 @@ def test_non_finite_network_output_takes_the_input_values_and_is_logged(caplog, 
     assert np.abs(out.astype(np.int32) - volume.astype(np.int32)).max() <= 1
 
 
-def test_tiling_autocast_is_refused_in_favour_of_kernel_options():
-    with pytest.raises(ValueError, match="KernelOptions"):
-        PipelineConfig(tiling=TilingConfig(patch=(16, 16, 16), autocast="bf16"))
-
-
 def test_compiled_networks_are_built_once_per_pipeline(monkeypatch):
     calls = []
     original = torch.compile

@@ -164,20 +164,6 @@ def test_every_forward_has_the_full_batch_shape():
     assert shapes == [(2, 1, 16, 16, 16)]
 
 
-def test_autocast_options_on_cpu():
-    volume = random_volume((1, 20, 20, 20))
-    torch.manual_seed(0)
-    conv = torch.nn.Conv3d(1, 1, 3, padding=1)
-    plain = sliding_window_inference(volume, conv, TilingConfig(patch=PATCH))
-    # fp16 autocast does not exist on CPU: it is skipped, the result is the float32 one.
-    fp16 = sliding_window_inference(volume, conv, TilingConfig(patch=PATCH, autocast="fp16"))
-    assert torch.equal(plain, fp16)
-    bf16 = sliding_window_inference(volume, conv, TilingConfig(patch=PATCH, autocast="bf16"))
-    assert bf16.dtype == torch.float32
-    assert not torch.equal(plain, bf16)  # bf16 really ran
-    torch.testing.assert_close(bf16, plain, atol=5e-2, rtol=0)
-
-
 def test_progress_is_logged(caplog):
     volume = random_volume((1, 37, 50, 29))
     with caplog.at_level(logging.INFO, logger="fmc.tiling"):
@@ -199,7 +185,7 @@ def test_bad_predictor_output_is_reported():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"overlap": 1.0}, {"overlap": -0.1}, {"batch": 0}, {"autocast": "fp8"}, {"patch": (0, 4, 4)}],
+    [{"overlap": 1.0}, {"overlap": -0.1}, {"batch": 0}, {"patch": (0, 4, 4)}],
 )
 def test_invalid_config_is_refused(kwargs):
     with pytest.raises(ValueError):

@@ -19,6 +19,7 @@ from fmc.network import RUNet
 from fmc.training.cache import CachedCase, load_manifest
 from fmc.training.config import FitConfig
 from fmc.training.data import GlobalDataset, JointDataset, PatchDataset, ValidationCases, first_item
+from fmc.training.pipeline_config import pipeline_config_of
 from fmc.training.sources import ensure_cache
 from fmc.training.split import SplitRow, make_split, read_split, split_summary, write_split
 from fmc.training.step1_outputs import compute_step1_outputs
@@ -108,19 +109,15 @@ class FusionDataModule(L.LightningDataModule):
             train, _, _ = self._split(cache)
             device = self.trainer.strategy.root_device if self.trainer is not None else None
             precision = str(self.trainer.precision) if self.trainer is not None else ""
-            autocast = (
-                "bf16" if device is not None and device.type == "cuda" and "bf16" in precision else None
-            )
+            device = device or self.step1_network_device()
             compute_step1_outputs(
                 self.step1_network,
                 self.step1_network_config,
                 train,
                 cache,
                 self.step1_dir,
-                global_size=self.config.global_size,
-                device=device or self.step1_network_device(),
-                autocast=autocast,
-                step1_mode=self.config.step1_mode,
+                pipeline=pipeline_config_of(self.config, 1, device, precision, with_dw=False),
+                device=device,
             )
 
     def step1_network_device(self):

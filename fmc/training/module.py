@@ -22,13 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmc.acceleration import KernelOptions
 from fmc.difference_weighting import difference_weighting
 from fmc.metrics import n_ssim
 from fmc.network import Discriminator3D, RUNet, RUNetConfig, preset
 from fmc.normalization import CARD_NORMALIZATION
 from fmc.pipeline import FusionPipeline, PipelineConfig
-from fmc.tiling import TilingConfig
 from fmc.training.cache import CachedCase
 from fmc.training.config import FitConfig
 from fmc.training.losses import (
@@ -37,6 +35,7 @@ from fmc.training.losses import (
     generator_adversarial_loss,
     reconstruction_loss,
 )
+from fmc.training.pipeline_config import pipeline_config_of
 from fmc.training.preview import mip_panel, save_png
 from fmc.weights import LoadedModel, ModelCard, ModelSet
 
@@ -254,24 +253,8 @@ class FusionModule(L.LightningModule):
 
     def pipeline_config(self) -> PipelineConfig:
         """The inference pipeline as it will run this stage's model (validation and export agree)."""
-        cuda = self.device.type == "cuda"
-        bf16 = cuda and "bf16" in str(self.trainer.precision if self._trainer is not None else "")
-        tiling = TilingConfig(
-            patch=(self.cfg.patch,) * 3,
-            overlap=self.cfg.val_overlap,
-            batch=self.cfg.val_batch,
-        )
-        settings = self.cfg.method_settings()
-        return PipelineConfig(
-            kernels=KernelOptions(precision="bf16" if bf16 else "fp32", channels_last=False),
-            step1=self.stage == 1 or self.cfg.step1_enabled,
-            step2=self.stage == 2,
-            difference_weighting=settings.difference_weighting if self.apply_dw else "none",
-            max_filter=settings.max_filter,
-            step1_mode=settings.step1_mode,
-            global_size=settings.global_size,
-            tiling=tiling,
-        )
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        return pipeline_config_of(self.cfg, self.stage, self.device, precision, with_dw=self.apply_dw)
 
     def model_set(self) -> ModelSet:
         """The networks of this module as the pipeline loads them from disk."""

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fmc.acceleration import KernelOptions
 from fmc.atomic import atomic_write_bytes
 from fmc.network import RUNet
 from fmc.pipeline import FusionPipeline, PipelineConfig
@@ -49,10 +48,8 @@ def compute_step1_outputs(
     cache: Path,
     folder: Path,
     *,
-    global_size: int,
+    pipeline: PipelineConfig,
     device: torch.device,
-    autocast: str | None = None,
-    step1_mode: str = "output",
 ) -> int:
     """Write ``<folder>/<case id>.npy`` (float16, 0.6 um grid) for each case lacking one; returns how many."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,21 +60,13 @@ def compute_step1_outputs(
     models = ModelSet(
         step1=LoadedModel(network, card, Path("<training>")), step2=None, folder=Path("<training>")
     )
-    config = PipelineConfig(
-        step1=True,
-        step2=False,
-        difference_weighting="none",
-        step1_mode=step1_mode,
-        global_size=global_size,
-        kernels=KernelOptions(precision=autocast or "fp32", channels_last=False),
-    )
     was_training = network.training
-    pipeline = FusionPipeline(models, config, device)
+    fusion = FusionPipeline(models, pipeline, device)
     log.info("computing step-1 outputs for %d case(s) into %s", len(todo), folder)
     with torch.inference_mode():
         for case in tqdm(todo, desc="step-1 outputs", unit="case", disable=None):
             iso = torch.from_numpy(np.asarray(case.load(cache, "input"), dtype=np.float32)).to(device)
-            out = pipeline.predict_isotropic(iso).to(torch.float16).cpu().numpy()
+            out = fusion.predict_isotropic(iso).to(torch.float16).cpu().numpy()
             target = folder / f"{case.id}.npy"
             atomic_write_bytes(target, lambda handle, out=out: np.save(handle, out))
     network.train(was_training)
