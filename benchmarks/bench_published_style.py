@@ -63,7 +63,7 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 
 
 @contextmanager
-def _stage(timings: dict[str, float], name: str, device: str) -> Iterator[None]:
+def _timed(timings: dict[str, float], name: str, device: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     if device == "cuda":
@@ -132,34 +132,34 @@ def run_published(
         device = "cpu"
     timings: dict[str, float] = {}
     with torch.inference_mode():
-        with _stage(timings, "load_model", device):
+        with _timed(timings, "load_model", device):
             step1 = load_model(weights_dir / "any" / "step1", device=device)
             step2 = load_model(weights_dir / "any" / "step2", device=device)
             step1.network.eval()
             step2.network.eval()
-        with _stage(timings, "read", device):
+        with _timed(timings, "read", device):
             case = read_case(case_path)
         meta = case.meta
-        with _stage(timings, "normalize_in", device):
+        with _timed(timings, "normalize_in", device):
             image = case.volume.astype(np.float64)
             p_low, p_high = np.percentile(image, PERCENTILES)
             image -= p_low
             image /= p_high - p_low if p_high > p_low else 1.0
         iso_shape = isotropic_shape(image.shape, meta.spacing)
-        with _stage(timings, "resize_in", device):
+        with _timed(timings, "resize_in", device):
             iso = _resize(image, iso_shape)
             del image
-        with _stage(timings, "step1", device):
+        with _timed(timings, "step1", device):
             small = _resize(iso, (global_size,) * 3)
             initial = _resize(_forward(step1.network, small[None], device).astype(np.float64), iso_shape)
             del small
-        with _stage(timings, "step2", device):
+        with _timed(timings, "step2", device):
             channels = int(step2.card.config.get("in_channels", 2))
             stacked = np.stack([iso, initial][:channels]).astype(np.float32)
             del initial
             prediction, n_windows = _windows(step2.network, stacked, device, window, overlap)
             del stacked
-        with _stage(timings, "dw", device):
+        with _timed(timings, "dw", device):
             smoothed = maximum_filter(prediction, size=MAX_FILTER)
             del prediction
             diff = np.abs(iso - smoothed)
@@ -168,10 +168,10 @@ def run_published(
             del diff
             fused = (1 - weight) * iso + weight * smoothed
             del weight, smoothed, iso
-        with _stage(timings, "resize_out", device):
+        with _timed(timings, "resize_out", device):
             back = _resize(fused, case.volume.shape)
             del fused
-        with _stage(timings, "normalize_write", device):
+        with _timed(timings, "normalize_write", device):
             low, high = np.percentile(back, PERCENTILES)
             back = (back - low) / (high - low if high > low else 1.0)
             out = np.clip(np.rint(back * (p_high - p_low) + p_low), 0, 65535).astype(np.uint16)

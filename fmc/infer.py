@@ -37,7 +37,12 @@ from fmc.io import (
 from fmc.method import DEFAULT_PATCH, DW_FORMS
 from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
-from fmc.planner import DEFAULT_BUDGET_SECONDS, SAFETY_MARGIN_SECONDS
+from fmc.safeguards import (
+    DEFAULT_BUDGET_SECONDS,
+    SAFETY_MARGIN_SECONDS,
+    Attempt,
+    fallback_attempts,
+)
 from fmc.tiling import TilingConfig
 from fmc.weights import (
     CARD_SUFFIX,
@@ -67,37 +72,6 @@ class InferenceOptions:
     patch: int | None = None  # None: the model card's training patch, else DEFAULT_PATCH
     budget_seconds: float | None = DEFAULT_BUDGET_SECONDS - SAFETY_MARGIN_SECONDS
     gpu_memory_gib: float | None = None
-
-
-SAFE_KERNELS = KernelOptions(precision="fp32", channels_last=False, cudnn_benchmark=False, compile=None)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One way to run a case: the kernels and the device. Later attempts trade speed for safety."""
-
-    kernels: KernelOptions
-    device: torch.device
-
-    def describe(self) -> str:
-        k = self.kernels
-        compiled = f" compile={k.compile}" if k.compile else ""
-        return f"{self.device.type} precision={k.precision} channels_last={k.channels_last}{compiled}"
-
-
-def fallback_attempts(kernels: KernelOptions, device: torch.device) -> list[Attempt]:
-    """The requested kernels first, then plain fp32 eager on the same device, then (from CUDA) the CPU.
-
-    The CUDA paths (fp16 weights, compile, cuDNN autotuning) are the fast ones and the least
-    proven on a given driver; a case must still get an output if one of them breaks. The CPU
-    is last because a sticky CUDA error (e.g. an illegal memory access) poisons the context.
-    """
-    attempts = [Attempt(kernels, device)]
-    if kernels != SAFE_KERNELS:
-        attempts.append(Attempt(SAFE_KERNELS, device))
-    if device.type != "cpu":
-        attempts.append(Attempt(SAFE_KERNELS, torch.device("cpu")))
-    return attempts
 
 
 class FusionFailedError(Exception):
@@ -238,9 +212,9 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
             deadline = start + options.budget_seconds - already_spent
             already_spent = 0.0  # only the first case pays for process start-up
         try:
-            message, worked = _fuse_with_fallbacks(path, options, attempts, pipelines, deadline)
-            if worked:  # later cases start with what worked, not with what broke
-                attempts = attempts[worked:]
+            message, attempt_index = _fuse_with_fallbacks(path, options, attempts, pipelines, deadline)
+            if attempt_index:  # later cases start with the attempt that worked, not with what broke
+                attempts = attempts[attempt_index:]
                 log.warning("later cases run with %s", attempts[0].describe())
             results.append(CaseResult(path.name, True, message, time.perf_counter() - start))
         except (WeightsNotFoundError, WeightsError) as error:

@@ -11,6 +11,7 @@ step 1 reaches the output, are the model card's settings (:mod:`fmc.method`); fl
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -23,12 +24,18 @@ import torch
 from fmc.acceleration import Forward, KernelOptions, build_forward
 from fmc.difference_weighting import difference_weighting_, released_difference_weighting_
 from fmc.distance import coarse_distance_channel
-from fmc.memory import SLAB_VOXELS, high_water_gib
+from fmc.memory import high_water_gib
 from fmc.method import STEP2_INPUTS, TARGET_SPACING_UM, MethodSettings
 from fmc.normalization import to_input_range_uint16
-from fmc.planner import StepTwoPlan, plan_step_two
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
-from fmc.tiling import Deadline, PatchSource, TilingConfig, sliding_window_inference
+from fmc.safeguards import (
+    StepTwoPlan,
+    plan_step_two,
+    post_step2_reserve_seconds,
+    take_input_where_non_finite_,
+    tile_with_memory_retries,
+)
+from fmc.tiling import Deadline, TilingConfig
 from fmc.upload import upload
 from fmc.weights import LoadedModel, ModelSet, WeightsError
 
@@ -94,6 +101,13 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
         for name in MethodSettings.__dataclass_fields__
     }
     return _read_settings(models, stored).override(**flags), sources
+
+
+class StepTwo(enum.Enum):
+    """Why step 2 gave no prediction: the step-1 output (or the input) stands in for it."""
+
+    OFF = "step 2 is off (no model, or the step-1-only ablation)"
+    SKIPPED = "the time planner skipped step 2: it would not fit the budget"
 
 
 class StepTwoInputs:
@@ -183,7 +197,7 @@ class FusionPipeline:
         }
 
     @contextmanager
-    def _stage(self, timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+    def _timed(self, timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
         """Record wall seconds of a stage (synchronizing CUDA so the figure is the stage's own) and
         the memory high-water mark after it (GiB, see :mod:`fmc.memory`)."""
         start = time.perf_counter()
@@ -246,14 +260,13 @@ class FusionPipeline:
         dev = self.device
         self.memory_high_water_gib = {}
         with torch.inference_mode():
-            iso, bounds = to_isotropic(volume, spacing, dev, self.config.target_spacing, self._stage, timings)
-            # What follows step 2 costs about two resamplings (three more for difference weighting,
-            # measured on CPU; negligible on a GPU) plus the host copy; keep it in reserve.
-            passes = 2.0 + (3.0 if self.settings.difference_weighting != "none" else 0.0)
-            reserve = passes * timings["resample_in"] + volume.nbytes / 200e6 + 2.0
+            iso, bounds = to_isotropic(volume, spacing, dev, self.config.target_spacing, self._timed, timings)
+            reserve = post_step2_reserve_seconds(
+                timings["resample_in"], volume.nbytes, self.settings.difference_weighting != "none"
+            )
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             del iso
-            with self._stage(timings, "resample_out", dev):
+            with self._timed(timings, "resample_out", dev):
                 result = to_native_uint16(prediction, tuple(volume.shape), bounds, out)
         return result, timings
 
@@ -267,7 +280,7 @@ class FusionPipeline:
         results: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             iso, bounds = to_isotropic(
-                volume, spacing, self.device, self.config.target_spacing, self._stage, timings
+                volume, spacing, self.device, self.config.target_spacing, self._timed, timings
             )
             before = self.predict_before_dw(iso, timings)
             for form in forms:
@@ -288,7 +301,7 @@ class FusionPipeline:
         timings = {} if timings is None else timings
         prediction = self.predict_before_dw(iso, timings, deadline, reserve_seconds)
         if self.settings.difference_weighting != "none":
-            with self._stage(timings, "dw", iso.device):
+            with self._timed(timings, "dw", iso.device):
                 prediction = weigh_differences(iso, prediction, self.settings)
         return prediction
 
@@ -305,16 +318,16 @@ class FusionPipeline:
         dev = iso.device
         step1_small = None
         if self.step1_model is not None:
-            with self._stage(timings, "step1", dev):
+            with self._timed(timings, "step1", dev):
                 step1_small = self._global_step(iso)
-        prediction = None
+        prediction: torch.Tensor | StepTwo = StepTwo.OFF
         if self.step2_model is not None:
-            with self._stage(timings, "step2", dev):
+            with self._timed(timings, "step2", dev):
                 prediction = self._patch_step(iso, step1_small, deadline, reserve_seconds)
-                if prediction is not None:
+                if isinstance(prediction, torch.Tensor):
                     take_input_where_non_finite_(prediction, iso)
-        if prediction is None:  # step 2 off or skipped by the planner: step 1 at full resolution
-            with self._stage(timings, "step1_upsample", dev):
+        if not isinstance(prediction, torch.Tensor):  # step 2 off or skipped: step 1 at full resolution
+            with self._timed(timings, "step1_upsample", dev):
                 prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
                 if self.correction and step1_small is not None:
                     prediction.add_(iso)
@@ -341,11 +354,12 @@ class FusionPipeline:
         step1_small: torch.Tensor | None,
         deadline: float | None,
         reserve_seconds: float,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | StepTwo:
         """Step 2: RUNet_2 on overlapping patches of [input, step-1 output], Hann-blended.
 
         With a deadline, the planner may lower the overlap, drop flips, or skip step 2
-        (returning None: use the step-1 output) so that an output is always written in time.
+        (returning ``StepTwo.SKIPPED``: use the step-1 output) so that an output is always
+        written in time.
         Should the patches still run late (a slower machine than the timed batch said), the
         patches that no longer fit take the step-1 output as their prediction.
         """
@@ -362,13 +376,13 @@ class FusionPipeline:
             plan = self._plan_step_two(source, deadline, reserve_seconds)
             log.info("planner: %s", plan.reason)
             if not plan.run:
-                return None
+                return StepTwo.SKIPPED
             tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
         predictor = self._predictor(self.step2_model, tta)
         if not self.correction:
             if deadline is not None:
                 stop = Deadline(deadline - reserve_seconds, source.step_one_channel)
-            return self._tile_with_retries(source, predictor, tiling, stop)[0]
+            return tile_with_memory_retries(source, predictor, tiling, stop)[0]
         # "correction": blend only what the network changes, then add what it started from (its
         # residual channel: the input, or the input plus step 1's change) -- zero heads leave that
         # exactly, to the last bit.
@@ -379,43 +393,12 @@ class FusionPipeline:
 
         if deadline is not None:
             stop = Deadline(deadline - reserve_seconds, lambda batch: torch.zeros_like(batch[:, :1]))
-        out = self._tile_with_retries(source, change, tiling, stop)[0]
+        out = tile_with_memory_retries(source, change, tiling, stop)[0]
         out.add_(iso)
         if step1_small is not None and channel == 1:
             for z0, slab in resample_slabs(step1_small, tuple(iso.shape)):
                 out[z0 : z0 + slab.shape[0]].add_(slab)
         return out
-
-    def _tile_with_retries(
-        self,
-        source: PatchSource,
-        predictor: Callable[[torch.Tensor], torch.Tensor],
-        tiling: TilingConfig,
-        deadline: Deadline | None = None,
-    ) -> torch.Tensor:
-        """Sliding windows; on GPU out-of-memory retry: half batch, smaller patch, then sums on the host."""
-        attempts = out_of_memory_fallbacks(tiling)
-        for number, (config, accumulate_on) in enumerate(attempts):
-            try:
-                out = sliding_window_inference(
-                    source, predictor, config, accumulate_on=accumulate_on, deadline=deadline
-                )
-                return out.to(source.device)
-            except torch.cuda.OutOfMemoryError:
-                if number + 1 == len(attempts):
-                    raise
-                following, host = attempts[number + 1]
-                log.warning(
-                    "GPU out of memory with patch %s batch %d; retrying with patch %s batch %d%s",
-                    config.patch,
-                    config.batch,
-                    following.patch,
-                    following.batch,
-                    ", accumulating on the host" if host is not None else "",
-                )
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-        raise AssertionError("unreachable: the last attempt re-raises")
 
     def _plan_step_two(self, source: StepTwoInputs, deadline: float, reserve_seconds: float) -> StepTwoPlan:
         """Time one real batch of patches, then let the planner pick overlap and flips.
@@ -431,14 +414,14 @@ class FusionPipeline:
         tiling = self.config.tiling
         seconds_per_batch = self._time_one_batch(source)
         return plan_step_two(
-            source.shape,
-            tiling.patch,
-            tiling.batch,
-            tiling.overlap,
-            self.config.tta,
-            seconds_per_batch,
-            deadline - time.perf_counter(),
-            reserve_seconds,
+            shape=source.shape,
+            patch=tiling.patch,
+            batch=tiling.batch,
+            overlap=tiling.overlap,
+            tta=self.config.tta,
+            seconds_per_batch=seconds_per_batch,
+            seconds_left=deadline - time.perf_counter(),
+            reserve_seconds=reserve_seconds,
         )
 
     def _time_one_batch(self, source: StepTwoInputs) -> float:
@@ -527,52 +510,6 @@ def to_native_uint16(
     for z0, slab in resample_slabs(prediction, shape):
         result[z0 : z0 + slab.shape[0]] = to_input_range_uint16(slab, *bounds)
     return result
-
-
-def out_of_memory_fallbacks(
-    tiling: TilingConfig, min_patch: int = 32
-) -> list[tuple[TilingConfig, str | None]]:
-    """The retry ladder for GPU out-of-memory: halve the batch to 1, shrink the patch by a quarter
-    (multiples of 16, not below ``min_patch``), then keep the output sums on the host."""
-    ladder: list[tuple[TilingConfig, str | None]] = [(tiling, None)]
-    current = tiling
-    while current.batch > 1:
-        current = replace(current, batch=max(1, current.batch // 2))
-        ladder.append((current, None))
-    while min(current.patch) > min_patch:
-        smaller = tuple(max(min_patch, (3 * p // 4) // 16 * 16) for p in current.patch)
-        if smaller == current.patch:
-            break
-        current = replace(current, patch=smaller)
-        ladder.append((current, None))
-    ladder.append((current, "cpu"))
-    return ladder
-
-
-def take_input_where_non_finite_(
-    prediction: torch.Tensor, image: torch.Tensor, slab_voxels: int = SLAB_VOXELS
-) -> int:
-    """Give voxels where the networks produced inf / NaN the input's value (in place, z-slab by z-slab).
-
-    Why: a network run in float16 (the CUDA default) overflows above 65504; a case should
-    still get a usable output, and the log says what happened. Returns the count replaced.
-    """
-    rows = max(1, slab_voxels // max(1, prediction[0].numel()))
-    replaced = 0
-    for z0 in range(0, prediction.shape[0], rows):
-        part = prediction[z0 : z0 + rows]
-        bad = ~torch.isfinite(part)
-        count = int(bad.sum())
-        if count:
-            part[bad] = image[z0 : z0 + rows][bad]
-            replaced += count
-    if replaced:
-        log.warning(
-            "%d voxels of the network output were not finite (float16 overflow?) and took the input's "
-            "values; --precision fp32 avoids that",
-            replaced,
-        )
-    return replaced
 
 
 def _fits_as_output(array: np.ndarray, shape: tuple[int, ...]) -> bool:

@@ -15,9 +15,10 @@ import torch
 
 from fmc import infer
 from fmc.acceleration import KernelOptions
-from fmc.infer import SAFE_KERNELS, Attempt, build_parser, fallback_attempts, main, options_from_args
+from fmc.infer import build_parser, main, options_from_args
 from fmc.io import read_case, write_volume
 from fmc.pipeline import FusionPipeline
+from fmc.safeguards import SAFE_KERNELS
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [
@@ -192,22 +193,6 @@ def test_kernel_options_reach_the_log_line(tmp_path, weights, caplog):
             == 0
         )
     assert "bf16+channels_last" in caplog.text
-
-
-def test_fallbacks_go_from_the_requested_kernels_to_fp32_eager_then_to_the_cpu():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    fast = KernelOptions(precision="fp16-weights", compile="default")
-    assert fallback_attempts(fast, cuda) == [
-        Attempt(fast, cuda),
-        Attempt(SAFE_KERNELS, cuda),
-        Attempt(SAFE_KERNELS, cpu),
-    ]
-    assert fallback_attempts(SAFE_KERNELS, cuda) == [Attempt(SAFE_KERNELS, cuda), Attempt(SAFE_KERNELS, cpu)]
-    assert fallback_attempts(KernelOptions(), cpu) == [
-        Attempt(KernelOptions(), cpu),
-        Attempt(SAFE_KERNELS, cpu),
-    ]
-    assert fallback_attempts(SAFE_KERNELS, cpu) == [Attempt(SAFE_KERNELS, cpu)]
 
 
 def _break_fast_kernels(monkeypatch) -> list[KernelOptions]:

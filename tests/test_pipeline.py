@@ -11,7 +11,7 @@ from torch import nn
 
 from fmc.acceleration import KernelOptions
 from fmc.network import RUNet, preset
-from fmc.pipeline import FusionPipeline, PipelineConfig, StepTwoInputs, out_of_memory_fallbacks
+from fmc.pipeline import FusionPipeline, PipelineConfig, StepTwoInputs
 from fmc.resample import resample_to_shape
 from fmc.tiling import TilingConfig
 from fmc.weights import LoadedModel, ModelCard, ModelSet
@@ -173,21 +173,6 @@ def test_no_model_enabled_is_refused():
         FusionPipeline(ModelSet(step1=None, step2=None, folder=None), PipelineConfig())
 
 
-def test_out_of_memory_ladder_halves_batch_then_shrinks_patch_then_uses_the_host():
-    ladder = out_of_memory_fallbacks(TilingConfig(patch=(128, 128, 128), batch=4))
-    steps = [(config.batch, config.patch[0], host) for config, host in ladder]
-    assert steps == [
-        (4, 128, None),
-        (2, 128, None),
-        (1, 128, None),
-        (1, 96, None),
-        (1, 64, None),
-        (1, 48, None),
-        (1, 32, None),
-        (1, 32, "cpu"),
-    ]
-
-
 class OutOfMemoryAbove(nn.Module):
     """Identity on channel 0 that raises CUDA OOM for batches or patches above a limit."""
 
@@ -215,9 +200,9 @@ def test_out_of_memory_retries_with_smaller_batch_and_patch(caplog):
 
 
 def test_out_of_memory_everywhere_on_device_ends_with_host_accumulation(monkeypatch, caplog):
-    import fmc.pipeline as pipeline_module
+    import fmc.safeguards as safeguards
 
-    real = pipeline_module.sliding_window_inference
+    real = safeguards.sliding_window_inference
     hosts = []
 
     def device_always_full(volume, predictor, config, *, accumulate_on=None, **options):
@@ -226,7 +211,7 @@ def test_out_of_memory_everywhere_on_device_ends_with_host_accumulation(monkeypa
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(volume, predictor, config, accumulate_on=accumulate_on, **options)
 
-    monkeypatch.setattr(pipeline_module, "sliding_window_inference", device_always_full)
+    monkeypatch.setattr(safeguards, "sliding_window_inference", device_always_full)
     volume = _volume()
     models = ModelSet(step1=None, step2=_loaded(FirstChannel(), 2, 2), folder=None)
     with caplog.at_level(logging.WARNING):
