@@ -222,7 +222,7 @@ def prepare_case(workdir: Path, study: int, preset_name: str, scale: float, seed
     if marker.exists() and prepared.case_path.exists() and json.loads(marker.read_text()) == wanted:
         prepared.reused = True
         return prepared
-    from fmc.io import write_volume
+    from fmc.simulated_tiff import write_volume
 
     start = time.perf_counter()
     prepared.input_dir.mkdir(parents=True, exist_ok=True)

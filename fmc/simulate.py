@@ -726,7 +726,7 @@ def write_dataset(out: Path, n: int, channel: str, seed: int, shape: Shape3 = (6
     fused file uses the next style, as real pairs sometimes differ). Parameters go to
     ``image_{i}_{channel}_params.json``. Returns every path written.
     """
-    from fmc.io import METADATA_STYLES, write_volume
+    from fmc.simulated_tiff import METADATA_STYLES, write_volume
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -781,7 +781,7 @@ def make_sample_case(input_dir: Path, seed: int = 0) -> list[Path]:
     isotropic it is 80 x 98 x 98 voxels, small enough for CPU inference in well under a minute.
     Returns [angle path, ground truth path].
     """
-    from fmc.io import write_volume
+    from fmc.simulated_tiff import write_volume
 
     input_dir = Path(input_dir)
     params = sample_params()

@@ -377,7 +377,7 @@ def write_heldout_dataset(
     ``first_id`` only renames: pair i is the same whatever it is, so held-out pairs can sit beside
     training pairs in one folder without clashing ids.
     """
-    from fmc.io import write_volume
+    from fmc.simulated_tiff import write_volume
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

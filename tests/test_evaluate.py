@@ -1,4 +1,4 @@
-"""python -m fmc.evaluate on a tiny folder written with fmc.io.write_volume."""
+"""python -m fmc.evaluate on a tiny folder written with fmc.simulated_tiff.write_volume."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import scipy.ndimage as ndi
 
 from fmc import evaluate
-from fmc.io import read_case, write_volume
+from fmc.io import read_case
 from fmc.metrics import gaussian_baseline, iou_proxy_scores, n_iou_proxy, n_ssim, ssim_scores
+from fmc.simulated_tiff import write_volume
 
 SHAPE = (14, 20, 24)
 CASES = {1: "nucleus", 2: "nucleus", 3: "membrane"}
@@ -187,7 +188,7 @@ def test_bad_files_and_shape_mismatch_are_reported_and_others_scored(folders: di
 
 def test_fused_files_in_the_input_folder_are_not_scored_as_inputs(tmp_path):
     from fmc.evaluate import evaluate_folder
-    from fmc.io import write_volume
+    from fmc.simulated_tiff import write_volume
 
     rng = np.random.default_rng(3)
     truth = rng.integers(0, 1000, size=(16, 24, 24)).astype(np.uint16)

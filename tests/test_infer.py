@@ -16,9 +16,10 @@ import torch
 from fmc import infer
 from fmc.acceleration import KernelOptions
 from fmc.infer import build_parser, main, options_from_args
-from fmc.io import read_case, write_volume
+from fmc.io import read_case
 from fmc.pipeline import FusionPipeline
 from fmc.safeguards import SAFE_KERNELS
+from fmc.simulated_tiff import write_volume
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [

@@ -25,8 +25,9 @@ import tifffile
 
 from fmc import infer
 from fmc.infer import build_parser, explicit_weights_problem, main, preview_image
-from fmc.io import fit_uint16_range, read_case, write_volume
+from fmc.io import fit_uint16_range, read_case
 from fmc.pipeline import FusionPipeline
+from fmc.simulated_tiff import write_volume
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [

@@ -12,15 +12,15 @@ import tifffile
 from fmc.io import (
     KEY_SPELLINGS,
     METADATA_STYLES,
-    TARGET_SPACING_UM,
     CaseError,
     CaseMetadata,
     OutputError,
     list_cases,
     read_case,
     write_prediction,
-    write_volume,
 )
+from fmc.method import TARGET_SPACING_UM
+from fmc.simulated_tiff import write_volume
 
 SHAPE = (8, 16, 16)
 SPACING = (1.0, 0.195, 0.39)  # z, y, x: x != y so a swapped axis shows

@@ -10,8 +10,9 @@ import pytest
 from conftest import write_tiny_weights
 
 from fmc.infer import main
-from fmc.io import read_case, write_volume
+from fmc.io import read_case
 from fmc.method import MethodSettings
+from fmc.simulated_tiff import write_volume
 
 FAST = ["--device", "cpu", "--patch", "16", "--overlap", "0.25", "--budget-seconds", "0"]
 
