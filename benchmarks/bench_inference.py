@@ -6,46 +6,68 @@ Usage (from the repository root)::
     python -m benchmarks.bench_inference --study 1 --device cpu --scale 0.5 --extra-args "--tta"
 
 Prints one JSON object: the settings, the device, total seconds from process start
-to the output file written, seconds per pipeline step (from inference.py's per-case
-log line), peak host RSS of the process, and peak GPU memory (allocator and driver).
+to the output file written, seconds per pipeline step, the planner's decisions and the memory
+high-water marks (from inference.py's ``--report`` JSON, not its log), peak host RSS of the
+process, and peak GPU memory (allocator from the report, driver from nvidia-smi).
 A figure, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
+import json
 import shlex
 import sys
+from pathlib import Path
 
 from benchmarks.common import (
+    GIB,
     PreparedCase,
     add_case_arguments,
     host_info,
-    parse_high_water,
-    parse_step_seconds,
     prepare_from_args,
     print_json,
     python,
-    read_peak_memory,
     run_child,
     tail,
 )
 
-_DEVICE_LINE = re.compile(r"device: (.+)$", re.MULTILINE)
-_PLANNER_LINE = re.compile(r"planner: (.+)$|(time is up after .+)$", re.MULTILINE)
+
+def report_figures(report: dict) -> dict:
+    """The benchmark's fields from inference.py's ``--report`` JSON (its last case; None where absent)."""
+    cases = report.get("cases") or [{}]
+    figures = cases[-1].get("figures") or {}
+
+    def gib(key: str) -> float | None:
+        value = report.get(key)
+        return round(value / GIB, 3) if isinstance(value, (int, float)) else None
+
+    return {
+        "device_used": report.get("device"),
+        "case_seconds": figures.get("total_seconds"),
+        "steps": figures.get("stages", {}),
+        "planner": figures.get("step2_decisions", []),
+        "memory_high_water_gib": (
+            {"counter": figures["memory_counter"], "after_step": figures["memory_high_water_gib"]}
+            if "memory_counter" in figures
+            else {}
+        ),
+        "peak_gpu_allocated_gib": gib("cuda_max_allocated_bytes"),
+        "peak_gpu_reserved_gib": gib("cuda_max_reserved_bytes"),
+    }
 
 
-def planner_decisions(log: str) -> list[str]:
-    """The time planner's lines from inference.py's log (its messages start with "planner: " too),
-    and step 2's own stop when it runs late ("time is up after N of M patches ...")."""
-    return [
-        (planned or late).strip().removeprefix("planner: ") for planned, late in _PLANNER_LINE.findall(log)
-    ]
+def read_report(path: Path) -> dict:
+    """The run report, or {} when the child wrote none (it failed before the end)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
-def inference_command(prepared: PreparedCase, device: str, extra_args: list[str]) -> list[str]:
+def inference_command(
+    prepared: PreparedCase, device: str, extra_args: list[str], report: Path | None = None
+) -> list[str]:
     """The exact ``inference.py`` command line that is timed."""
     return [
         python(),
@@ -58,34 +80,34 @@ def inference_command(prepared: PreparedCase, device: str, extra_args: list[str]
         str(prepared.weights_dir),
         "--device",
         device,
+        *(["--report", str(report)] if report is not None else []),
         *extra_args,
     ]
 
 
 def run_fmc(prepared: PreparedCase, device: str, extra_args: list[str], timeout: float = 0) -> dict:
     """Run inference.py once on the prepared case and return its figures as a dict."""
-    peak_file = prepared.workdir / "fmc_peak_memory.json"
-    peak_file.unlink(missing_ok=True)
-    env = {**os.environ, "FMC_REPORT_PEAK_MEMORY": str(peak_file)}
-    command = inference_command(prepared, device, extra_args)
+    report_file = prepared.workdir / "fmc_report.json"
+    report_file.unlink(missing_ok=True)
+    command = inference_command(prepared, device, extra_args, report_file)
     output = prepared.output_dir / prepared.case_path.name
-    child = run_child(command, output=output, env=env, timeout=timeout)
-    steps, case_seconds = parse_step_seconds(child.stderr)
-    devices = _DEVICE_LINE.findall(child.stderr)
+    child = run_child(command, output=output, timeout=timeout)
+    figures = report_figures(read_report(report_file))
     report = {
         "benchmark": "fmc inference.py",
         "settings": {"extra_args": extra_args, "command": shlex.join(command)},
-        "device": {"requested": device, "used": devices[-1].strip() if devices else None},
+        "device": {"requested": device, "used": figures["device_used"]},
         "ok": child.returncode == 0 and child.seconds_to_output is not None,
         "timed_out": child.timed_out,
         "total_seconds": child.seconds_to_output,
         "process_seconds": child.seconds_to_exit,
-        "case_seconds": case_seconds,
-        "steps": steps,
-        "planner": planner_decisions(child.stderr),
+        "case_seconds": figures["case_seconds"],
+        "steps": figures["steps"],
+        "planner": figures["planner"],
         "peak_rss_gib": child.peak_rss_gib,
-        "memory_high_water_gib": parse_high_water(child.stderr),
-        **read_peak_memory(peak_file),
+        "memory_high_water_gib": figures["memory_high_water_gib"],
+        "peak_gpu_allocated_gib": figures["peak_gpu_allocated_gib"],
+        "peak_gpu_reserved_gib": figures["peak_gpu_reserved_gib"],
         "peak_gpu_driver_gib": child.peak_gpu_driver_gib,
         "gpu_driver_baseline_gib": child.gpu_driver_baseline_gib,
         "output": str(output) if output.exists() else None,

@@ -4,8 +4,9 @@ The benchmarks time whole processes (start to file written), so everything that 
 not be timed — making the case, writing a model with random weights — happens here,
 in the parent, before the child starts. The child's peak host memory comes from
 ``os.wait4`` (that child alone, not every child this process ever waited for), the
-driver-level GPU peak from a streaming ``nvidia-smi`` while it runs, and the CUDA
-allocator peaks from a JSON the child writes itself (``FMC_REPORT_PEAK_MEMORY``).
+driver-level GPU peak from a streaming ``nvidia-smi`` while it runs, and everything else
+(seconds per stage, CUDA allocator peaks, planner decisions) from the run report the child
+writes itself (``inference.py --report``).
 
 Run the scripts from the repository root as modules, e.g. ``python -m benchmarks.compare``.
 """
@@ -17,7 +18,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -395,48 +395,6 @@ def run_child(
         stdout=stdout,
         stderr=stderr,
     )
-
-
-def read_peak_memory(path: Path) -> dict[str, float | None]:
-    """The CUDA allocator peaks the child wrote (GiB); None where it wrote nothing."""
-    peaks: dict[str, float | None] = {"peak_gpu_allocated_gib": None, "peak_gpu_reserved_gib": None}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return peaks
-    for key, name in (
-        ("cuda_max_allocated", "peak_gpu_allocated_gib"),
-        ("cuda_max_reserved", "peak_gpu_reserved_gib"),
-    ):
-        if isinstance(data.get(key), (int, float)):
-            peaks[name] = round(data[key] / GIB, 3)
-    return peaks
-
-
-_STEPS_LINE = re.compile(r"total=([0-9.]+)s \[([^\]]*)\]")
-_STEP = re.compile(r"([A-Za-z0-9_]+)=([0-9.]+)s")
-
-
-def parse_step_seconds(log: str) -> tuple[dict[str, float], float | None]:
-    """Per-step seconds and the case total from fmc.infer's per-case line ``... total=Xs [read=..s ...]``."""
-    matches = _STEPS_LINE.findall(log)
-    if not matches:
-        return {}, None
-    total, inner = matches[-1]
-    return {name: float(seconds) for name, seconds in _STEP.findall(inner)}, float(total)
-
-
-_HIGH_WATER_LINE = re.compile(r"memory high-water \(([^,)]*), GiB\) after each step: (.*)$", re.MULTILINE)
-_MARK = re.compile(r"([A-Za-z0-9_]+)=([0-9.]+)")
-
-
-def parse_high_water(log: str) -> dict:
-    """fmc.infer's per-case memory line: which counter it is and its high-water mark after each step."""
-    matches = _HIGH_WATER_LINE.findall(log)
-    if not matches:
-        return {}
-    kind, marks = matches[-1]
-    return {"counter": kind, "after_step": {name: float(gib) for name, gib in _MARK.findall(marks)}}
 
 
 def host_info() -> dict:

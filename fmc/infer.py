@@ -8,6 +8,7 @@ non-zero only at the end, so every good case still has its output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -149,6 +150,9 @@ class CaseResult:
     ok: bool
     message: str = ""
     seconds: float = 0.0
+    # for --report: stages (seconds), memory_high_water_gib, memory_counter, step2_decisions,
+    # attempt (device and kernels), model; empty when the case failed
+    figures: dict = field(default_factory=dict)
 
 
 def process_age_seconds() -> float:
@@ -212,11 +216,13 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
             deadline = start + options.budget_seconds - already_spent
             already_spent = 0.0  # only the first case pays for process start-up
         try:
-            message, attempt_index = _fuse_with_fallbacks(path, options, attempts, pipelines, deadline)
+            (message, figures), attempt_index = _fuse_with_fallbacks(
+                path, options, attempts, pipelines, deadline
+            )
             if attempt_index:  # later cases start with the attempt that worked, not with what broke
                 attempts = attempts[attempt_index:]
                 log.warning("later cases run with %s", attempts[0].describe())
-            results.append(CaseResult(path.name, True, message, time.perf_counter() - start))
+            results.append(CaseResult(path.name, True, message, time.perf_counter() - start, figures))
         except (WeightsNotFoundError, WeightsError) as error:
             log.error("%s: no usable model: %s", path.name, error)
             results.append(CaseResult(path.name, False, str(error)))
@@ -237,8 +243,9 @@ def _fuse_with_fallbacks(
     attempts: list[Attempt],
     pipelines: dict[tuple[str, int | None, Attempt], FusionPipeline],
     deadline: float | None,
-) -> tuple[str, int]:
-    """Fuse one case, retrying unexpected failures with the next attempt; returns (summary, attempt index).
+) -> tuple[tuple[str, dict], int]:
+    """Fuse one case, retrying unexpected failures with the next attempt; returns
+    ((summary, figures), attempt index).
 
     Bad input, missing weights and an output that cannot be written are not retried: no setting
     fixes them. Each retry re-reads
@@ -278,8 +285,8 @@ def _fuse_one(
     attempt: Attempt,
     pipelines: dict[tuple[str, int | None, Attempt], FusionPipeline],
     deadline: float | None,
-) -> str:
-    """Read, fuse, write one case; returns its one-line summary (also logged)."""
+) -> tuple[str, dict]:
+    """Read, fuse, write one case; returns its one-line summary (also logged) and its figures."""
     device = attempt.device
     target = options.output / path.name
     check_output_target(target)  # before minutes of fusing, not after
@@ -321,11 +328,24 @@ def _fuse_one(
         f"total={sum(timings.values()):.2f}s [{steps}]"
     )
     log.info("%s", summary)
+    kind = "CUDA allocator" if device.type == "cuda" else "process RSS"
     if pipeline.memory_high_water_gib:
         marks = " ".join(f"{name}={gib:.2f}" for name, gib in pipeline.memory_high_water_gib.items())
-        kind = "CUDA allocator" if device.type == "cuda" else "process RSS"
         log.info("%s: memory high-water (%s, GiB) after each step: %s", path.name, kind, marks)
-    return summary
+    figures = {
+        "shape": list(case.volume.shape),
+        "spacing_um": list(meta.spacing),
+        "channel": meta.channel,
+        "study": meta.study,
+        "model": pipeline.describe(),
+        "attempt": {"device": device.type, "kernels": dataclasses.asdict(attempt.kernels)},
+        "stages": timings,
+        "total_seconds": round(sum(timings.values()), 3),
+        "memory_counter": kind,
+        "memory_high_water_gib": dict(pipeline.memory_high_water_gib),
+        "step2_decisions": list(pipeline.step2_decisions),
+    }
+    return summary, figures
 
 
 def _check_explicit_choice(explicit: Path | None, models: ModelSet, channel: str, study: int | None) -> None:
@@ -507,6 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-gib", type=float, default=None, help="cap this process's GPU memory (e.g. 15 for a T4)"
     )
     parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write a JSON run report: per case the seconds per stage, memory high-water marks, "
+        "the planner's decisions, device and kernels (what benchmarks read; the log's wording may change)",
+    )
+    parser.add_argument(
         "--preview",
         action="store_true",
         help="also write <name>_preview.png: input | fused maximum projections, XY and XZ, labelled",
@@ -596,18 +624,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     for result in failed:
         log.error("FAILED %s: %s", result.name, result.message)
-    _report_peak_memory(os.environ.get("FMC_REPORT_PEAK_MEMORY"))
+    if args.report is not None:
+        write_report(args.report, results, time.perf_counter() - start)
     return 0 if results and not failed else 1
 
 
-def _report_peak_memory(path: str | None) -> None:
-    """For benchmarks: the CUDA allocator's peaks can only be read inside this process."""
-    if not path:
-        return
-    peaks = {"cuda_max_allocated": 0, "cuda_max_reserved": 0}
-    if torch.cuda.is_available():
-        peaks = {
-            "cuda_max_allocated": torch.cuda.max_memory_allocated(),
-            "cuda_max_reserved": torch.cuda.max_memory_reserved(),
-        }
-    Path(path).write_text(json.dumps(peaks))
+def write_report(path: Path, results: list[CaseResult], seconds: float) -> None:
+    """The machine-readable run report (``--report``): what benchmarks parse instead of the log.
+
+    Why here: the CUDA allocator's peaks can only be read inside this process."""
+    cuda = torch.cuda.is_available()
+    report = {
+        "format_version": 1,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "seconds": round(seconds, 3),
+        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "cases": [dataclasses.asdict(result) for result in results],
+    }
+    text = json.dumps(report, indent=1)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))

@@ -185,6 +185,7 @@ class FusionPipeline:
         self.settings, self.settings_sources = resolve_settings(models, config)
         log.info("method settings: %s", self.settings.describe(self.settings_sources))
         self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
+        self.step2_decisions: list[str] = []  # the planner's choice and the deadline's stand-ins, last run()
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
                 "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
@@ -259,6 +260,7 @@ class FusionPipeline:
         timings: dict[str, float] = {}
         dev = self.device
         self.memory_high_water_gib = {}
+        self.step2_decisions = []
         with torch.inference_mode():
             iso, bounds = to_isotropic(volume, spacing, dev, self.config.target_spacing, self._timed, timings)
             reserve = post_step2_reserve_seconds(
@@ -375,6 +377,7 @@ class FusionPipeline:
         if deadline is not None:
             plan = self._plan_step_two(source, deadline, reserve_seconds)
             log.info("planner: %s", plan.reason)
+            self.step2_decisions.append(plan.reason)
             if not plan.run:
                 return StepTwo.SKIPPED
             tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
@@ -382,7 +385,9 @@ class FusionPipeline:
         if not self.correction:
             if deadline is not None:
                 stop = Deadline(deadline - reserve_seconds, source.step_one_channel)
-            return tile_with_memory_retries(source, predictor, tiling, stop)[0]
+            out = tile_with_memory_retries(source, predictor, tiling, stop)[0]
+            self._note_stand_ins(stop)
+            return out
         # "correction": blend only what the network changes, then add what it started from (its
         # residual channel: the input, or the input plus step 1's change) -- zero heads leave that
         # exactly, to the last bit.
@@ -394,11 +399,19 @@ class FusionPipeline:
         if deadline is not None:
             stop = Deadline(deadline - reserve_seconds, lambda batch: torch.zeros_like(batch[:, :1]))
         out = tile_with_memory_retries(source, change, tiling, stop)[0]
+        self._note_stand_ins(stop)
         out.add_(iso)
         if step1_small is not None and channel == 1:
             for z0, slab in resample_slabs(step1_small, tuple(iso.shape)):
                 out[z0 : z0 + slab.shape[0]].add_(slab)
         return out
+
+    def _note_stand_ins(self, stop: Deadline | None) -> None:
+        if stop is not None and stop.stand_ins:
+            self.step2_decisions.append(
+                f"time is up after {stop.patches - stop.stand_ins} of {stop.patches} patches: "
+                f"the {stop.stand_ins} left took the fallback prediction"
+            )
 
     def _plan_step_two(self, source: StepTwoInputs, deadline: float, reserve_seconds: float) -> StepTwoPlan:
         """Time one real batch of patches, then let the planner pick overlap and flips.

@@ -67,7 +67,7 @@ class TilingConfig:
             raise ValueError(f"window_floor must be in (0, 1], got {self.window_floor}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Deadline:
     """Stop running the network so that the patch loop ends by ``stop_at`` (a ``time.perf_counter()``
     value); the patches left then take ``fallback(batch)``, a cheap stand-in prediction.
@@ -79,6 +79,9 @@ class Deadline:
 
     stop_at: float
     fallback: Predictor
+    # filled in by the patch loop, for the run report: how many patches took the stand-in, of how many
+    stand_ins: int = 0
+    patches: int = 0
 
 
 class _Stopwatch:
@@ -441,6 +444,8 @@ def sliding_window_inference(
                 tracker.update(len(chunk))
         finally:
             tracker.close()
+            if deadline is not None:
+                deadline.stand_ins, deadline.patches = stand_ins, len(indices)
         assert out is not None
         sums = [_axis_weight_sums(spatial[a], patch[a], starts[a], profiles[a]) for a in range(3)]
         _normalize(out, sums, floor)

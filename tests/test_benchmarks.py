@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from benchmarks.bench_inference import planner_decisions
+from benchmarks.bench_inference import report_figures
 from benchmarks.bench_published_style import window_starts
 from benchmarks.common import (
     isotropic_shape,
-    parse_high_water,
-    parse_step_seconds,
     scaled_shape,
     synthetic_volume,
 )
@@ -113,43 +111,37 @@ def test_kernel_options_benchmark_compares_every_variant_with_fp32() -> None:
     assert report["input_shape"] == [2, 2, 16, 16, 16]
 
 
-def test_step_seconds_are_parsed_from_the_per_case_log_line() -> None:
-    log = (
-        "2025-01-01 INFO fmc: device: cpu (requested)\n"
-        "2025-01-01 INFO fmc: image_0_nucleus_angle.tif: shape=11x37x43 spacing=1x0.195x0.195um "
-        "channel=nucleus study=1 model=step1=tiny+step2=tiny device=cpu total=1.75s "
-        "[read=0.01s to_device=0.00s step2=1.20s write=0.54s]\n"
-    )
-    steps, total = parse_step_seconds(log)
-    assert steps == {"read": 0.01, "to_device": 0.0, "step2": 1.2, "write": 0.54}
-    assert total == 1.75
-    assert parse_step_seconds("no such line") == ({}, None)
-
-
-def test_memory_high_water_marks_are_parsed_from_their_log_line() -> None:
-    log = (
-        "2025-01-01 INFO fmc: a.tif: memory high-water (CUDA allocator, GiB) after each step: "
-        "to_device=4.25 resample_in=7.80 step2=9.12\n"
-    )
-    assert parse_high_water(log) == {
-        "counter": "CUDA allocator",
-        "after_step": {"to_device": 4.25, "resample_in": 7.8, "step2": 9.12},
+def test_benchmark_fields_come_from_the_run_report() -> None:
+    report = {
+        "device": "NVIDIA H200",
+        "cuda_max_allocated_bytes": 3 * 2**30,
+        "cuda_max_reserved_bytes": None,
+        "cases": [
+            {
+                "figures": {
+                    "total_seconds": 1.75,
+                    "stages": {"read": 0.01, "step2": 1.2, "write": 0.54},
+                    "step2_decisions": ["even the cheapest step 2 exceeds the 327.5s left: step 1 only"],
+                    "memory_counter": "CUDA allocator",
+                    "memory_high_water_gib": {"to_device": 4.25, "step2": 9.12},
+                }
+            }
+        ],
     }
-    assert parse_high_water("nothing here") == {}
-
-
-def test_planner_decisions_are_collected_without_the_logger_prefix() -> None:
-    log = (
-        "12:00 INFO fmc.planner: planner: overlap 0.500 would take 1332.5s > 327.5s, trying cheaper\n"
-        "12:00 INFO fmc.pipeline: planner: even the cheapest step 2 exceeds the 327.5s left: step 1 only\n"
-        "12:01 INFO fmc: done\n"
-        "12:02 WARNING fmc.tiling: time is up after 40 of 60 patches: the 20 left take the fallback\n"
-    )
-    assert planner_decisions(log) == [
-        "overlap 0.500 would take 1332.5s > 327.5s, trying cheaper",
-        "even the cheapest step 2 exceeds the 327.5s left: step 1 only",
-        "time is up after 40 of 60 patches: the 20 left take the fallback",
-    ]
+    figures = report_figures(report)
+    assert figures == {
+        "device_used": "NVIDIA H200",
+        "case_seconds": 1.75,
+        "steps": {"read": 0.01, "step2": 1.2, "write": 0.54},
+        "planner": ["even the cheapest step 2 exceeds the 327.5s left: step 1 only"],
+        "memory_high_water_gib": {
+            "counter": "CUDA allocator",
+            "after_step": {"to_device": 4.25, "step2": 9.12},
+        },
+        "peak_gpu_allocated_gib": 3.0,
+        "peak_gpu_reserved_gib": None,
+    }
+    assert report_figures({})["steps"] == {} and report_figures({})["case_seconds"] is None
 
 
 def test_window_starts_cover_the_axis_with_the_last_window_flush() -> None:

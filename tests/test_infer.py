@@ -3,6 +3,8 @@
 These test the platform contract only, never quality.
 """
 
+import dataclasses
+import json
 import logging
 import subprocess
 import sys
@@ -67,6 +69,39 @@ def _run(input_dir: Path, output_dir: Path, weights: Path, *extra: str) -> int:
     return main(
         ["--input", str(input_dir), "--output", str(output_dir), "--weights", str(weights), *FAST, *extra]
     )
+
+
+def test_the_run_report_carries_stages_memory_planner_device_and_kernels(tmp_path, weights):
+    names = _write_good_cases(tmp_path / "in")
+    (tmp_path / "in" / "broken_nucleus_angle.tif").write_bytes(b"not a tiff")
+    report_file = tmp_path / "report.json"
+    # a budget (the last FAST flag wins) so the planner runs and says what it chose
+    assert (
+        _run(
+            tmp_path / "in",
+            tmp_path / "out",
+            weights,
+            "--report",
+            str(report_file),
+            "--budget-seconds",
+            "500",
+        )
+        == 1
+    )
+    report = json.loads(report_file.read_text())
+    assert report["format_version"] == 1 and report["device"] == "cpu"
+    cases = {case["name"]: case for case in report["cases"]}
+    assert set(cases) == {*names, "broken_nucleus_angle.tif"}
+    assert not cases["broken_nucleus_angle.tif"]["ok"] and cases["broken_nucleus_angle.tif"]["figures"] == {}
+    figures = cases[names[0]]["figures"]
+    assert {"read", "resample_in", "step1", "step2", "resample_out", "write"} <= set(figures["stages"])
+    assert figures["total_seconds"] == pytest.approx(sum(figures["stages"].values()), abs=0.01)
+    assert list(figures["memory_high_water_gib"]) == [
+        k for k in figures["stages"] if k not in ("read", "write")
+    ]
+    assert figures["memory_counter"] == "process RSS"
+    assert len(figures["step2_decisions"]) == 1 and "fits" in figures["step2_decisions"][0]
+    assert figures["attempt"] == {"device": "cpu", "kernels": dataclasses.asdict(KernelOptions())}
 
 
 def test_every_input_gets_a_matching_output_and_nothing_else(tmp_path, weights):
