@@ -17,87 +17,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DW_FORMS, STEP1_MODES
-from fmc.training.config import ABLATIONS, STAGES, STEP2_RESIDUALS, FitConfig, resolve_config
+from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DW_FORMS
+from fmc.training.config import ABLATIONS, FitConfig, resolve_config
 
 log = logging.getLogger("fmc.train")
 
 #: Extra spellings users expect, e.g. ``fit --data /data --out /runs/NAME`` in the README.
 FLAG_ALIASES: dict[str, tuple[str, ...]] = {"run_dir": ("--out",)}
-FIT_HELP: dict[str, str] = {
-    "run_dir": "run folder (alias --out): config.json, split.csv, checkpoints, logs, previews",
-    "cache": "prepared cache folder (default: <run-dir>/cache when --data or --simulate is given)",
-    "data": "raw folder of image_{N}_{channel}_{angle|fused}.tif pairs: prepared into the cache first",
-    "simulate": "simulate N pairs per channel with fmc.simulate (domain randomization) and train on them",
-    "sim_channels": "channels to simulate",
-    "sim_shape": "voxels (Z Y X) of each simulated pair",
-    "sim_seed": "base seed of the simulated pairs (channel k uses seed + k)",
-    "channels": "train on these channels only (default: all in the cache)",
-    "ablation": "Table 1 preset: " + ", ".join(ABLATIONS),
-    "step": "what to train: 1 (global), 2 (patches), both (1 then 2) or joint (both nets, one loss)",
-    "step1_enabled": "the model has the global step (off: patch-only)",
-    "step2_enabled": "the model has the patch step (off: step1-only)",
-    "step1_ckpt": "step-1 checkpoint for --step 2 (default: this run's step1/), or to start --step joint",
-    "preset": "RUNet size preset: tiny | small | paper",
-    "global_size": "edge of the step-1 global volume (the paper: 224)",
-    "patch": "edge of the step-2 training crops and inference patches",
-    "flips": "random flips on all axes",
-    "step1_mode": "correction: step 1 predicts a change added to the 0.6 um input and untrained networks "
-    "give the resampled input exactly; output: step 1's output is the prediction (the paper)",
-    "alpha": "weight of the MAE term",
-    "beta": "weight of the adversarial term (0: no discriminator)",
-    "w_ssim": "weight of a 1-SSIM term",
-    "w_pearson": "weight of a 1-Pearson term",
-    "w_cosine": "weight of a 1-cosine term",
-    "w_step1": "joint training: weight of step 1's own loss on the global volume",
-    "gan_warmup_steps": "generator steps with beta=0 before the adversarial term starts",
-    "gan_mode": "adversarial loss: bce (non-saturating) or lsgan",
-    "disc_base": "discriminator base channels",
-    "disc_levels": "discriminator levels",
-    "disc_conditional": "discriminator also sees the input view",
-    "dw": "difference weighting, eq. (2), on the final stage's output before the loss",
-    "step2_residual": "what step 2 corrects: input (untrained = the resampled input; step 1 is context) or "
-    "step1 (the step-1 prediction)",
-    "target_frame": "step-2 targets as normalized (target) or affinely fitted per case to the input (input; "
-    "the metric ignores a global scale and offset)",
-    "distance_channel": "step 2 also sees the signed distance to the specimen's hull surface (fmc.distance)",
-    "init_weights": "start the generator from these weights: an exported step-N .safetensors (or its stem) "
-    "or a fit checkpoint; new input channels start at zero",
-    "dw_form": "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
-    "inference only)",
-    "dw_train_max_filter": "max-filter size on O' during training (0 = off)",
-    "dw_max_filter": "max-filter size on O' in the inference pipeline (validation, model card)",
-    "lr": "generator AdamW learning rate",
-    "d_lr": "discriminator AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
-    "lr_schedule": "cosine (over --max-steps) or constant",
-    "grad_clip": "gradient norm clip (0 = off)",
-    "batch": "step-2 patches per batch (per process)",
-    "batch_global": "step-1 global volumes per batch (per process)",
-    "patches_per_case": "step-2 epoch = this many crops per training case",
-    "max_steps": "generator steps per stage (-1: no limit)",
-    "max_epochs": "epochs per stage (-1: no limit)",
-    "seed": "seed of the split, initialization and augmentation",
-    "num_workers": "data loader workers per process",
-    "precision": "auto (bf16-mixed on GPU, 32-true on CPU) or any Lightning precision",
-    "val_fraction": "fraction of image ids per (study, channel) held out for validation",
-    "val_studies": "hold out these whole studies for validation instead of a random split",
-    "split_csv": "reuse this split.csv",
-    "val_min_id": "image ids >= N validate and pick the checkpoint, the rest train (e.g. held-out-family "
-    "pairs written with fmc.simulate_heldout --first-id N beside the training pairs); 0: off",
-    "val_every": "validate every K epochs",
-    "val_max_cases": "validate on at most this many cases (0: all)",
-    "val_mode": "iso: cached 0.6 um volumes, pipeline core; full: source TIFFs through FusionPipeline.run",
-    "val_overlap": "patch overlap of the validation pipeline",
-    "val_batch": "patches per forward in the validation pipeline",
-    "preview_cases": "validation cases that get a MIP PNG (input | prediction | target)",
-    "accelerator": "auto | cpu | gpu",
-    "devices": "processes per node (auto: all GPUs, or 1 on CPU); >1 uses DDP",
-    "num_nodes": "nodes (DDP; works under torchrun and SLURM)",
-    "strategy": "Lightning strategy (auto: ddp when more than one process)",
-    "resume": "checkpoint to resume from, or 'last' (each stage from its last.ckpt)",
-    "log_every_n_steps": "logging interval in steps",
-}
 DOCKER_EPILOG = """\
 In the fmc-train image (data-loader workers pass batches through /dev/shm, which Docker
 limits to 64 MB: give the container --ipc=host or --shm-size, or fit falls back to
@@ -105,21 +31,6 @@ limits to 64 MB: give the container --ipc=host or --shm-size, or fit falls back 
   docker run --gpus all --ipc=host -v DATA:/data -v RUNS:/runs fmc-train fit --data /data --out /runs/NAME
 On a CPU, see README "Training on a CPU" (GPU-sized defaults take minutes per step).
 """
-CHOICES: dict[str, tuple[str, ...]] = {
-    "ablation": tuple(ABLATIONS),
-    "step": STAGES,
-    "preset": ("tiny", "small", "paper"),
-    "gan_mode": ("bce", "lsgan"),
-    "lr_schedule": ("cosine", "constant"),
-    "val_mode": ("iso", "full"),
-    "step1_mode": STEP1_MODES,
-    "step2_residual": STEP2_RESIDUALS,
-    "target_frame": ("target", "input"),
-    "dw_form": ("paper", "released"),
-    "accelerator": ("auto", "cpu", "gpu"),
-    "sim_channels": CHANNELS,
-    "channels": CHANNELS,
-}
 
 
 def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
@@ -135,14 +46,14 @@ def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
         preset_note = ""
         if any(field.name in values for values in ABLATIONS.values()):
             preset_note = " [set by --ablation]"
-        described = FIT_HELP.get(field.name, field.name)
+        described = field.metadata["help"]
         # a help text that says its own default (or a None default) gets no second "(default: ...)"
         shown = "" if default is None or "default" in described.lower() else f" (default: {default})"
         help_text = f"{described}{shown}{preset_note}"
         kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": field.name}
         hint = hints[field.name]
-        if field.name in CHOICES:
-            kwargs["choices"] = CHOICES[field.name]
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
         if hint is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):

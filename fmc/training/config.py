@@ -14,9 +14,24 @@ from pathlib import Path
 from typing import Any
 
 from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DEFAULT_PATCH, DW_FORMS, STEP1_MODES, MethodSettings
+from fmc.network import PRESETS
 
 STAGES = ("1", "2", "both", "joint")
 STEP2_RESIDUALS = ("input", "step1")
+TARGET_FRAMES = ("target", "input")
+GAN_MODES = ("bce", "lsgan")
+LR_SCHEDULES = ("cosine", "constant")
+VAL_MODES = ("iso", "full")
+ACCELERATORS = ("auto", "cpu", "gpu")
+TRAINABLE_DW_FORMS = tuple(form for form in DW_FORMS if form != "none")  # --no-dw is "none"
+
+
+def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A FitConfig field with its ``--flag`` help text and allowed values, kept beside it: the CLI
+    builds its flags from these, and :meth:`FitConfig.validate` checks the choices."""
+    metadata = {"help": help, **({"choices": choices} if choices is not None else {})}
+    return field(default=default, metadata=metadata)
+
 
 # Table 1 of Wodzinski & Mueller (ISBI 2025): which parts of the method are switched on.
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -34,91 +49,136 @@ class FitConfig:
     """Everything one ``fit`` run needs; every field has a ``--flag`` of the same name (dashes)."""
 
     # where things are
-    run_dir: str = "runs/fmc"
-    cache: str = ""  # prepared cache (default: <run_dir>/cache when --data or --simulate is given)
-    data: str | None = None  # raw image_{N}_{channel}_{angle|fused}.tif folder: prepared into the cache first
-    simulate: int = 0  # >0: simulate this many pairs per channel with fmc.simulate, then prepare them
-    sim_channels: tuple[str, ...] = CHANNELS
-    sim_shape: tuple[int, int, int] = (48, 128, 128)
-    sim_seed: int = 1000
-    channels: tuple[str, ...] = ()  # train on these channels only (empty: all)
+    run_dir: str = knob(
+        "runs/fmc", "run folder (alias --out): config.json, split.csv, checkpoints, logs, previews"
+    )
+    cache: str = knob(
+        "", "prepared cache folder (default: <run-dir>/cache when --data or --simulate is given)"
+    )
+    data: str | None = knob(
+        None, "raw folder of image_{N}_{channel}_{angle|fused}.tif pairs: prepared into the cache first"
+    )
+    simulate: int = knob(
+        0, "simulate N pairs per channel with fmc.simulate (domain randomization) and train on them"
+    )
+    sim_channels: tuple[str, ...] = knob(CHANNELS, "channels to simulate", choices=CHANNELS)
+    sim_shape: tuple[int, int, int] = knob((48, 128, 128), "voxels (Z Y X) of each simulated pair")
+    sim_seed: int = knob(1000, "base seed of the simulated pairs (channel k uses seed + k)")
+    channels: tuple[str, ...] = knob(
+        (), "train on these channels only (default: all in the cache)", choices=CHANNELS
+    )
 
     # what is trained
-    ablation: str = DEFAULT_ABLATION
-    step: str = "both"  # "1", "2", "both" (1 then 2) or "joint" (both networks in one loss)
-    step1_enabled: bool = True  # the model has a global 224^3 step (False: patch-only ablation)
-    step2_enabled: bool = True  # the model has a patch step (False: step1-only ablation)
-    step1_ckpt: str | None = None  # step-1 checkpoint for a "--step 2" run (default: this run's step1/)
-    preset: str = "small"
-    global_size: int = DEFAULT_GLOBAL_SIZE
-    patch: int = DEFAULT_PATCH
-    flips: bool = True
-    # "correction": step 1 predicts a change added to the 0.6 um input, and every network starts as
-    # the identity, so the untrained pipeline is the resampled input (fmc.method); "output": the paper
-    step1_mode: str = "correction"
-    # the prediction step 2 corrects: "input" (channel 0: untrained = the resampled input, step 1 is
-    # context) or "step1" (channel 1, the step-1 prediction)
-    step2_residual: str = "input"
-    # step-2 targets in their own intensity frame ("target") or affinely fitted to the input
-    # ("input", fmc.training.data.PatchDataset): the metric is blind to a global affine map
-    target_frame: str = "input"
-    # step 2 also sees the signed distance to the specimen's hull surface (fmc.distance; RWTH-GE)
-    distance_channel: bool = False
-    # start the generator from these weights (an exported step-N .safetensors stem or a fit
-    # checkpoint) instead of at random; extra input channels start at zero, so the start is unchanged
-    init_weights: str | None = None
+    ablation: str = knob(
+        DEFAULT_ABLATION, "Table 1 preset: " + ", ".join(ABLATIONS), choices=tuple(ABLATIONS)
+    )
+    step: str = knob(
+        "both",
+        "what to train: 1 (global), 2 (patches), both (1 then 2) or joint (both nets, one loss)",
+        choices=STAGES,
+    )
+    step1_enabled: bool = knob(True, "the model has the global step (off: patch-only)")
+    step2_enabled: bool = knob(True, "the model has the patch step (off: step1-only)")
+    step1_ckpt: str | None = knob(
+        None, "step-1 checkpoint for --step 2 (default: this run's step1/), or to start --step joint"
+    )
+    preset: str = knob("small", "RUNet size preset: " + " | ".join(PRESETS), choices=tuple(PRESETS))
+    global_size: int = knob(DEFAULT_GLOBAL_SIZE, "edge of the step-1 global volume (the paper: 224)")
+    patch: int = knob(DEFAULT_PATCH, "edge of the step-2 training crops and inference patches")
+    flips: bool = knob(True, "random flips on all axes")
+    step1_mode: str = knob(
+        "correction",
+        "correction: step 1 predicts a change added to the 0.6 um input and untrained networks give the "
+        "resampled input exactly; output: step 1's output is the prediction (the paper)",
+        choices=STEP1_MODES,
+    )
+    step2_residual: str = knob(
+        "input",
+        "what step 2 corrects: input (untrained = the resampled input; step 1 is context) or step1 (the "
+        "step-1 prediction)",
+        choices=STEP2_RESIDUALS,
+    )
+    target_frame: str = knob(
+        "input",
+        "step-2 targets as normalized (target) or affinely fitted per case to the input (input; the "
+        "metric ignores a global scale and offset)",
+        choices=TARGET_FRAMES,
+    )
+    distance_channel: bool = knob(
+        False, "step 2 also sees the signed distance to the specimen's hull surface (fmc.distance)"
+    )
+    init_weights: str | None = knob(
+        None,
+        "start the generator from these weights: an exported step-N .safetensors (or its stem) or a fit "
+        "checkpoint; new input channels start at zero",
+    )
 
     # loss
-    alpha: float = 1.0  # MAE weight
-    beta: float = 0.01  # adversarial weight (0: no discriminator)
-    w_ssim: float = 0.0
-    w_pearson: float = 0.0
-    w_cosine: float = 0.0
-    w_step1: float = 1.0  # joint training: weight of step 1's own loss on the global volume
-    gan_warmup_steps: int = 500  # generator steps with beta=0 while the discriminator learns
-    gan_mode: str = "bce"  # "bce" (non-saturating) or "lsgan"
-    disc_base: int = 16
-    disc_levels: int = 4
-    disc_conditional: bool = True  # the discriminator also sees the input view
-    dw: bool = True  # difference weighting, eq. (2), on the final stage's output before the loss
-    dw_form: str = "paper"  # with dw: "paper" (also before the loss) or "released" (inference only)
-    dw_train_max_filter: int = 0  # max filter on O' during training (0 = off; the paper smooths at inference)
-    dw_max_filter: int = 3  # max filter used by the inference pipeline (validation, export card)
+    alpha: float = knob(1.0, "weight of the MAE term")
+    beta: float = knob(0.01, "weight of the adversarial term (0: no discriminator)")
+    w_ssim: float = knob(0.0, "weight of a 1-SSIM term")
+    w_pearson: float = knob(0.0, "weight of a 1-Pearson term")
+    w_cosine: float = knob(0.0, "weight of a 1-cosine term")
+    w_step1: float = knob(1.0, "joint training: weight of step 1's own loss on the global volume")
+    gan_warmup_steps: int = knob(500, "generator steps with beta=0 before the adversarial term starts")
+    gan_mode: str = knob("bce", "adversarial loss: bce (non-saturating) or lsgan", choices=GAN_MODES)
+    disc_base: int = knob(16, "discriminator base channels")
+    disc_levels: int = knob(4, "discriminator levels")
+    disc_conditional: bool = knob(True, "discriminator also sees the input view")
+    dw: bool = knob(True, "difference weighting, eq. (2), on the final stage's output before the loss")
+    dw_form: str = knob(
+        "paper",
+        "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
+        "inference only)",
+        choices=TRAINABLE_DW_FORMS,
+    )
+    dw_train_max_filter: int = knob(0, "max-filter size on O' during training (0 = off)")
+    dw_max_filter: int = knob(3, "max-filter size on O' in the inference pipeline (validation, model card)")
 
     # optimisation
-    lr: float = 3e-4
-    d_lr: float = 1e-4
-    weight_decay: float = 1e-4
-    lr_schedule: str = "cosine"  # "cosine" (over max_steps) or "constant"
-    grad_clip: float = 1.0
-    batch: int = 2  # step-2 patches per batch
-    batch_global: int = 1  # step-1 global volumes per batch
-    patches_per_case: int = 16  # step-2 epoch length = patches_per_case * training cases
-    max_steps: int = 20000  # generator steps per stage (-1: no limit)
-    max_epochs: int = -1  # per stage (-1: no limit)
-    seed: int = 0
-    num_workers: int = 2
-    precision: str = "auto"  # "auto": bf16-mixed on GPU, 32-true on CPU
+    lr: float = knob(3e-4, "generator AdamW learning rate")
+    d_lr: float = knob(1e-4, "discriminator AdamW learning rate")
+    weight_decay: float = knob(1e-4, "AdamW weight decay")
+    lr_schedule: str = knob("cosine", "cosine (over --max-steps) or constant", choices=LR_SCHEDULES)
+    grad_clip: float = knob(1.0, "gradient norm clip (0 = off)")
+    batch: int = knob(2, "step-2 patches per batch (per process)")
+    batch_global: int = knob(1, "step-1 global volumes per batch (per process)")
+    patches_per_case: int = knob(16, "step-2 epoch = this many crops per training case")
+    max_steps: int = knob(20000, "generator steps per stage (-1: no limit)")
+    max_epochs: int = knob(-1, "epochs per stage (-1: no limit)")
+    seed: int = knob(0, "seed of the split, initialization and augmentation")
+    num_workers: int = knob(2, "data loader workers per process")
+    precision: str = knob("auto", "auto (bf16-mixed on GPU, 32-true on CPU) or any Lightning precision")
 
     # validation
-    val_fraction: float = 0.2
-    val_studies: tuple[int, ...] = ()
-    val_min_id: int = 0  # >0: image ids >= this validate (held-out-family pairs beside the training ones)
-    split_csv: str | None = None  # reuse a split.csv instead of making one
-    val_every: int = 1  # epochs between validations
-    val_max_cases: int = 0  # 0: every validation case
-    val_mode: str = "iso"  # "iso": cached 0.6 um volumes; "full": source TIFFs through FusionPipeline.run
-    val_overlap: float = 0.25
-    val_batch: int = 2
-    preview_cases: int = 3
+    val_fraction: float = knob(0.2, "fraction of image ids per (study, channel) held out for validation")
+    val_studies: tuple[int, ...] = knob(
+        (), "hold out these whole studies for validation instead of a random split"
+    )
+    val_min_id: int = knob(
+        0,
+        "image ids >= N validate and pick the checkpoint, the rest train (e.g. held-out-family pairs "
+        "written with fmc.simulate_heldout --first-id N beside the training pairs); 0: off",
+    )
+    split_csv: str | None = knob(None, "reuse this split.csv")
+    val_every: int = knob(1, "validate every K epochs")
+    val_max_cases: int = knob(0, "validate on at most this many cases (0: all)")
+    val_mode: str = knob(
+        "iso",
+        "iso: cached 0.6 um volumes, pipeline core; full: source TIFFs through FusionPipeline.run",
+        choices=VAL_MODES,
+    )
+    val_overlap: float = knob(0.25, "patch overlap of the validation pipeline")
+    val_batch: int = knob(2, "patches per forward in the validation pipeline")
+    preview_cases: int = knob(3, "validation cases that get a MIP PNG (input | prediction | target)")
 
     # hardware and bookkeeping
-    accelerator: str = "auto"  # auto | cpu | gpu
-    devices: str = "auto"  # "auto" or a count
-    num_nodes: int = 1
-    strategy: str = "auto"  # "auto": ddp when more than one process
-    resume: str | None = None  # checkpoint path or "last"
-    log_every_n_steps: int = 10
+    accelerator: str = knob("auto", "auto | cpu | gpu", choices=ACCELERATORS)
+    devices: str = knob("auto", "processes per node (auto: all GPUs, or 1 on CPU); >1 uses DDP")
+    num_nodes: int = knob(1, "nodes (DDP; works under torchrun and SLURM)")
+    strategy: str = knob("auto", "Lightning strategy (auto: ddp when more than one process)")
+    resume: str | None = knob(None, "checkpoint to resume from, or 'last' (each stage from its last.ckpt)")
+    log_every_n_steps: int = knob(10, "logging interval in steps")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -138,10 +198,12 @@ class FitConfig:
 
     def validate(self) -> None:
         """Refuse combinations that cannot train, with a message that says what to change."""
-        if self.step not in STAGES:
-            raise ValueError(f"step must be one of {STAGES}, got {self.step!r}")
-        if self.ablation not in ABLATIONS:
-            raise ValueError(f"ablation must be one of {sorted(ABLATIONS)}, got {self.ablation!r}")
+        for knob_field in dataclasses.fields(self):
+            allowed = knob_field.metadata.get("choices")
+            value = getattr(self, knob_field.name)
+            for item in value if isinstance(value, tuple) else (value,):
+                if allowed is not None and item not in allowed:
+                    raise ValueError(f"{knob_field.name} must be one of {allowed}, got {item!r}")
         if not (self.step1_enabled or self.step2_enabled):
             raise ValueError("the model needs step 1, step 2 or both")
         if self.joint and not (self.step1_enabled and self.step2_enabled):
@@ -158,12 +220,6 @@ class FitConfig:
                 f"the discriminator's {self.disc_levels} levels need inputs >= {2**self.disc_levels} voxels; "
                 f"--patch/--global-size is {smallest}: lower --disc-levels"
             )
-        if self.gan_mode not in ("bce", "lsgan"):
-            raise ValueError(f"gan_mode must be bce or lsgan, got {self.gan_mode!r}")
-        if self.val_mode not in ("iso", "full"):
-            raise ValueError(f"val_mode must be iso or full, got {self.val_mode!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_steps < 0 and self.max_epochs < 0:
@@ -172,19 +228,8 @@ class FitConfig:
             raise ValueError("--init-weights starts one stage: give --step 1 or --step 2")
         if self.distance_channel and self.joint:
             raise ValueError("--distance-channel is not built for --step joint; train --step 2 after step 1")
-        if self.target_frame not in ("target", "input"):
-            raise ValueError(f"target_frame must be target or input, got {self.target_frame!r}")
-        if self.step2_residual not in STEP2_RESIDUALS:
-            raise ValueError(f"step2_residual must be one of {STEP2_RESIDUALS}, got {self.step2_residual!r}")
-        if self.step1_mode not in STEP1_MODES:
-            raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
-        if self.dw_form not in DW_FORMS or self.dw_form == "none":
-            raise ValueError(f"dw_form must be paper or released (--no-dw: none), got {self.dw_form!r}")
         if self.dw_max_filter < 1 or self.dw_max_filter % 2 == 0:
             raise ValueError(f"dw_max_filter must be odd and >= 1, got {self.dw_max_filter}")
-        for channel in (*self.channels, *self.sim_channels):
-            if channel not in CHANNELS:
-                raise ValueError(f"unknown channel {channel!r}: use {CHANNELS}")
 
     def method_settings(self) -> MethodSettings:
         """The method as the inference pipeline runs this run's model (validation, export card)."""

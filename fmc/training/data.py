@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fmc.training.cache import CachedCase
+from fmc.training.config import TARGET_FRAMES
 
 
 def random_flips(*tensors: torch.Tensor, dims: tuple[int, ...] = (-3, -2, -1)) -> tuple[torch.Tensor, ...]:
@@ -155,9 +156,6 @@ class PatchDataset(Dataset):
         if self.flips:
             xt, yt = random_flips(xt, yt)
         return xt.contiguous(), yt.contiguous()
-
-
-TARGET_FRAMES = ("target", "input")
 
 
 def fit_affine(source: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
