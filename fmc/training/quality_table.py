@@ -78,14 +78,15 @@ def score_family(
     """
     sources = {"": weights, **(extra or {})}
     rows: list[dict] = []
-    pipelines: dict[tuple[str, str, bool], FusionPipeline] = {}
+    pipelines: dict[tuple[str, str, bool], FusionPipeline | None] = {}
     for pair in find_pairs(data).pairs:
         start = time.perf_counter()
         angle, fused = read_case(pair.angle), read_case(pair.fused)
         spacing = reconcile(pair, angle.meta, fused.meta).spacing
         inp, gt = angle.volume, fused.volume
         scores: dict[str, float] = {}
-        columns = [("input", mip_projections(inp))]
+        preview = (previews or {}).get(pair.case_id)
+        columns = [("input", mip_projections(inp))] if preview else []
         sigma = None
         for label, root in sources.items():
             for step2 in (False, True):
@@ -95,16 +96,21 @@ def score_family(
                 key = (pair.channel, label, step2)
                 if key not in pipelines:
                     models = discover_models(root, pair.channel, None, device=device)
+                    if models.step1 is None and not step2:  # patch only: there is no step-1 row
+                        pipelines[key] = None
+                        continue
                     config = pipeline_config_for(models, overlap, 2, False, device, "none", step2)
                     pipelines[key] = FusionPipeline(models, config, device)
                 pipeline = pipelines[key]
+                if pipeline is None:
+                    continue
                 if not label:
                     sigma = sigma_of_models((pipeline.step2_model, pipeline.step1_model), pair.channel)
                 outputs = pipeline.run_each_dw(inp, spacing, tuple(v.dw for v in variants))
                 for variant in variants:
                     name = variant_name(label, variant, pipeline.step1_model is not None)
                     scores[name] = n_ssim(outputs[variant.dw], gt, inp)
-                    if step2 and variant.dw == "none":
+                    if preview and step2 and variant.dw == "none":
                         columns.append((name, mip_projections(outputs["none"])))
         for name in BASELINES:
             if name == "gaussian-tuned" and sigma is None:
@@ -112,9 +118,9 @@ def score_family(
             scores[name] = n_ssim(
                 baseline_prediction(name, inp, pair.channel, spacing, sigma, device), gt, inp
             )
-        if previews and pair.case_id in previews:
+        if preview:
             columns.append(("target (fused views)", mip_projections(gt)))
-            save_png(previews[pair.case_id], labelled_projections(columns, spacing))
+            save_png(preview, labelled_projections(columns, spacing))
         for method, value in scores.items():
             rows.append(
                 {
