@@ -32,6 +32,20 @@ DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
 DEFAULT_PATCH = 128
 
 
+def check_step2_inputs(names: tuple[str, ...]) -> None:
+    """Refuse step-2 channel names the pipeline cannot build, or out of order (``image`` first, once each)."""
+    unknown = [name for name in names if name not in STEP2_INPUTS]
+    if unknown:
+        raise ValueError(
+            f"step2_inputs asks for input channel(s) {unknown} that this pipeline cannot build "
+            f"(it builds {', '.join(STEP2_INPUTS)}); use weights exported by this version of train.py"
+        )
+    if not names or names[0] != "image" or len(set(names)) != len(names):
+        raise ValueError(
+            f"step2_inputs must start with 'image' and name each channel once, got {list(names)}"
+        )
+
+
 @dataclass(frozen=True)
 class MethodSettings:
     """Settings of the method that a model was trained and validated with."""
@@ -46,19 +60,8 @@ class MethodSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step2_inputs", tuple(self.step2_inputs))  # JSON gives a list
-        unknown = [name for name in self.step2_inputs if name not in STEP2_INPUTS]
-        if unknown:
-            raise ValueError(
-                f"step2_inputs asks for input channel(s) {unknown} that this pipeline cannot build "
-                f"(it builds {', '.join(STEP2_INPUTS)}); use weights exported by this version of train.py"
-            )
-        if self.step2_inputs and (
-            self.step2_inputs[0] != "image" or len(set(self.step2_inputs)) != len(self.step2_inputs)
-        ):
-            raise ValueError(
-                "step2_inputs must start with 'image' and name each channel once, "
-                f"got {list(self.step2_inputs)}"
-            )
+        if self.step2_inputs:
+            check_step2_inputs(self.step2_inputs)
         if self.difference_weighting not in DW_FORMS:
             raise ValueError(
                 f"difference_weighting must be one of {DW_FORMS}, got {self.difference_weighting!r}"

@@ -25,7 +25,7 @@ from fmc.acceleration import Forward, KernelOptions, build_forward
 from fmc.difference_weighting import difference_weighting_, released_difference_weighting_
 from fmc.distance import coarse_distance_channel
 from fmc.memory import high_water_gib
-from fmc.method import STEP2_INPUTS, TARGET_SPACING_UM, MethodSettings
+from fmc.method import TARGET_SPACING_UM, MethodSettings, check_step2_inputs
 from fmc.normalization import to_input_range_uint16
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.safeguards import (
@@ -126,10 +126,7 @@ class StepTwoInputs:
         add_input: bool = False,
         distance_small: torch.Tensor | None = None,
     ) -> None:
-        if not inputs or inputs[0] != "image" or not set(inputs) <= set(STEP2_INPUTS):
-            raise ValueError(
-                f"step-2 inputs must start with 'image' and be among {STEP2_INPUTS}, got {inputs}"
-            )
+        check_step2_inputs(inputs)
         if "distance" in inputs and distance_small is None:
             raise ValueError("the step-2 model takes the distance channel: pass distance_small")
         self.iso = iso

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fmc.weights import load_model
+
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint dict; raises ValueError naming the file when it is not a safe fmc checkpoint."""
@@ -36,8 +38,6 @@ def sub_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 def _exported(path: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, network config) of an exported network (``.safetensors`` + card, no pickle)."""
-    from fmc.weights import load_model  # the inference side; imported here to keep this module light
-
     loaded = load_model(path)
     if loaded.card.step != step:
         raise ValueError(f"{path}: a step-{loaded.card.step} network, expected step {step}")
