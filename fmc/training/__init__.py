@@ -9,6 +9,6 @@ One job per module:
 - ``step1_outputs``: cached step-1 predictions, the second input channel of step 2;
 - ``losses``: MAE, SSIM, Pearson, cosine, adversarial;
 - ``module``: the LightningModule (manual GAN optimization, pipeline-based validation);
-- ``config``: the typed FitConfig and the Table 1 ablation presets;
+- ``config``: the typed FitConfig (six groups, one flag per setting) and the Table 1 ablation presets;
 - ``fit`` / ``export`` / ``evaluate`` / ``cli``: the subcommands.
 """

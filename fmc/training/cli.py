@@ -1,19 +1,17 @@
 """``train.py``: prepare | fit | export | evaluate | table (the fmc-train image's entry point).
 
-``fit`` flags are generated from :class:`fmc.training.config.FitConfig`, one per field, so
-the typed config and the command line cannot drift apart. A flag left out keeps the
-ablation preset's value, then the dataclass default.
+``fit`` flags are generated from :class:`fmc.training.config.FitConfig`, one per setting and
+listed under its group in ``fit --help``, so the typed config and the command line cannot
+drift apart. A flag left out keeps the ablation preset's value, then the dataclass default.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 import textwrap
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -34,40 +32,40 @@ On a CPU, see README "Training on a CPU" (GPU-sized defaults take minutes per st
 
 
 def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per FitConfig field; defaults are None so only given flags override the preset."""
-    hints = typing.get_type_hints(FitConfig)
+    """One flag per FitConfig setting, under its group; defaults are None so only given flags win."""
     defaults = FitConfig()
-    for field in dataclasses.fields(FitConfig):
-        if field.name == "extra":
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        flags = (flag, *FLAG_ALIASES.get(field.name, ()))
-        default = getattr(defaults, field.name)
-        preset_note = ""
-        if any(field.name in values for values in ABLATIONS.values()):
-            preset_note = " [set by --ablation]"
-        described = field.metadata["help"]
+    preset_flags = {name for values in ABLATIONS.values() for name in values}
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for flag in FitConfig.flags():
+        if flag.group not in sections:
+            sections[flag.group] = parser.add_argument_group(
+                f"{flag.group} settings", FitConfig.group_description(flag.group)
+            )
+        section = sections[flag.group]
+        spellings = ("--" + flag.name.replace("_", "-"), *FLAG_ALIASES.get(flag.name, ()))
+        default = defaults.value(flag)
+        preset_note = " [set by --ablation]" if flag.name in preset_flags else ""
+        described = flag.field.metadata["help"]
         # a help text that says its own default (or a None default) gets no second "(default: ...)"
         shown = "" if default is None or "default" in described.lower() else f" (default: {default})"
         help_text = f"{described}{shown}{preset_note}"
-        kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": field.name}
-        hint = hints[field.name]
-        if "choices" in field.metadata:
-            kwargs["choices"] = field.metadata["choices"]
-        if hint is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+        kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": flag.name}
+        if "choices" in flag.field.metadata:
+            kwargs["choices"] = flag.field.metadata["choices"]
+        if flag.hint is bool:
+            section.add_argument(*spellings, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):
-            item = int if field.name in ("sim_shape", "val_studies") else str
-            nargs = 3 if field.name == "sim_shape" else "*"
-            parser.add_argument(*flags, type=item, nargs=nargs, **kwargs)
+            item = int if flag.name in ("sim_shape", "val_studies") else str
+            nargs = 3 if flag.name == "sim_shape" else "*"
+            section.add_argument(*spellings, type=item, nargs=nargs, **kwargs)
         else:
             base = type(default) if default is not None else str
-            parser.add_argument(*flags, type=base, **kwargs)
+            section.add_argument(*spellings, type=base, **kwargs)
 
 
 def _fit_config(args: argparse.Namespace) -> FitConfig:
-    names = {f.name for f in dataclasses.fields(FitConfig)} - {"extra"}
-    explicit = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    flags = [flag.name for flag in FitConfig.flags()]
+    explicit = {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
     return resolve_config(explicit, explicit.get("ablation"))
 
 
@@ -263,7 +261,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 f"stage {r.stage}: {r.global_step} steps, {rate:.2f} samples/s, best val/n_ssim {score}, "
                 f"best {r.best_checkpoint or '-'}, last {r.last_checkpoint or '-'}"
             )
-        print(f"export with: python train.py export --ckpt {config.run_dir} --out model/")
+        print(f"export with: python train.py export --ckpt {config.data.run_dir} --out model/")
     return 0
 
 

@@ -1,14 +1,22 @@
 """One typed configuration for ``train.py fit``, with the paper's Table 1 ablations as presets.
 
+:class:`FitConfig` holds six groups (data, method, loss, optimiser, validation, hardware);
+each setting is a :func:`knob` with its help text, so the ``fit`` flags and their checks are
+generated from here. Flags, presets and stored records name a setting flat (``--beta``,
+``"beta"``); code reads it from its group (``config.loss.beta``).
+
 Resolution order (later wins): dataclass defaults -> ``--ablation`` preset -> flags given
 on the command line. The resolved config is written to the run folder as JSON and kept
-in every checkpoint as a plain dict (so checkpoints load with ``weights_only=True``).
+in every checkpoint as one flat plain dict (so checkpoints load with ``weights_only=True``,
+and runs from any version load by key).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +34,15 @@ ACCELERATORS = ("auto", "cpu", "gpu")
 TRAINABLE_DW_FORMS = tuple(form for form in DW_FORMS if form != "none")  # --no-dw is "none"
 
 
-def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A FitConfig field with its ``--flag`` help text and allowed values, kept beside it: the CLI
-    builds its flags from these, and :meth:`FitConfig.validate` checks the choices."""
-    metadata = {"help": help, **({"choices": choices} if choices is not None else {})}
+def knob(default: Any, help: str, choices: tuple[str, ...] | None = None, *, flag: str | None = None) -> Any:
+    """A setting with its ``--flag`` help text and allowed values, kept beside it: the CLI builds its
+    flags from these, and :meth:`FitConfig.validate` checks the choices. ``flag`` names it on the
+    command line and in stored dicts when the field's own name would read badly in its group."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if flag is not None:
+        metadata["flag"] = flag
     return field(default=default, metadata=metadata)
 
 
@@ -45,18 +58,19 @@ DEFAULT_ABLATION = "adversarial-dw"
 
 
 @dataclass
-class FitConfig:
-    """Everything one ``fit`` run needs; every field has a ``--flag`` of the same name (dashes)."""
+class DataConfig:
+    """Where the run lives and what it trains on: folders, simulated pairs, channels, augmentation."""
 
-    # where things are
     run_dir: str = knob(
         "runs/fmc", "run folder (alias --out): config.json, split.csv, checkpoints, logs, previews"
     )
     cache: str = knob(
         "", "prepared cache folder (default: <run-dir>/cache when --data or --simulate is given)"
     )
-    data: str | None = knob(
-        None, "raw folder of image_{N}_{channel}_{angle|fused}.tif pairs: prepared into the cache first"
+    raw_folder: str | None = knob(
+        None,
+        "raw folder of image_{N}_{channel}_{angle|fused}.tif pairs: prepared into the cache first",
+        flag="data",
     )
     simulate: int = knob(
         0, "simulate N pairs per channel with fmc.simulate (domain randomization) and train on them"
@@ -67,8 +81,18 @@ class FitConfig:
     channels: tuple[str, ...] = knob(
         (), "train on these channels only (default: all in the cache)", choices=CHANNELS
     )
+    flips: bool = knob(True, "random flips on all axes")
+    patches_per_case: int = knob(16, "step-2 epoch = this many crops per training case")
 
-    # what is trained
+    def cache_dir(self) -> Path:
+        """Where the prepared cache lives."""
+        return Path(self.cache) if self.cache else Path(self.run_dir) / "cache"
+
+
+@dataclass
+class MethodConfig:
+    """What is trained: the Table 1 preset, the steps, the networks' size and inputs, and DW."""
+
     ablation: str = knob(
         DEFAULT_ABLATION, "Table 1 preset: " + ", ".join(ABLATIONS), choices=tuple(ABLATIONS)
     )
@@ -85,7 +109,6 @@ class FitConfig:
     preset: str = knob("small", "RUNet size preset: " + " | ".join(PRESETS), choices=tuple(PRESETS))
     global_size: int = knob(DEFAULT_GLOBAL_SIZE, "edge of the step-1 global volume (the paper: 224)")
     patch: int = knob(DEFAULT_PATCH, "edge of the step-2 training crops and inference patches")
-    flips: bool = knob(True, "random flips on all axes")
     step1_mode: str = knob(
         "correction",
         "correction: step 1 predicts a change added to the 0.6 um input and untrained networks give the "
@@ -112,8 +135,52 @@ class FitConfig:
         "start the generator from these weights: an exported step-N .safetensors (or its stem) or a fit "
         "checkpoint; new input channels start at zero",
     )
+    dw: bool = knob(True, "difference weighting, eq. (2), on the final stage's output before the loss")
+    dw_form: str = knob(
+        "paper",
+        "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
+        "inference only)",
+        choices=TRAINABLE_DW_FORMS,
+    )
+    dw_train_max_filter: int = knob(0, "max-filter size on O' during training (0 = off)")
+    dw_max_filter: int = knob(3, "max-filter size on O' in the inference pipeline (validation, model card)")
 
-    # loss
+    @property
+    def joint(self) -> bool:
+        """Both networks trained together: step 2's loss flows back into step 1 (one stage, "2")."""
+        return self.step == "joint"
+
+    def stages(self) -> list[int]:
+        """The stages this run trains, in order, limited to those the model has (joint: stage 2 only)."""
+        wanted = {"1": [1], "2": [2], "both": [1, 2], "joint": [2]}[self.step]
+        enabled = {1: self.step1_enabled, 2: self.step2_enabled}
+        return [s for s in wanted if enabled[s]]
+
+    def final_stage(self) -> int:
+        """The stage whose output the pipeline returns (DW is applied to it)."""
+        return 2 if self.step2_enabled else 1
+
+    def step2_inputs(self) -> tuple[str, ...]:
+        """Step 2's input channels by name (fmc.method.STEP2_INPUTS), in the network's order."""
+        names = ("image", "step1") if self.step1_enabled else ("image",)
+        return (*names, "distance") if self.distance_channel else names
+
+    def inference_settings(self) -> MethodSettings:
+        """The method as the inference pipeline runs this run's model (validation, export card)."""
+        return MethodSettings(
+            difference_weighting=self.dw_form if self.dw else "none",
+            max_filter=self.dw_max_filter,
+            global_size=self.global_size,
+            patch=self.patch,
+            step1_mode=self.step1_mode,
+            step2_inputs=self.step2_inputs(),
+        )
+
+
+@dataclass
+class LossConfig:
+    """The generator's loss terms and the discriminator behind the adversarial one."""
+
     alpha: float = knob(1.0, "weight of the MAE term")
     beta: float = knob(0.01, "weight of the adversarial term (0: no discriminator)")
     w_ssim: float = knob(0.0, "weight of a 1-SSIM term")
@@ -125,17 +192,12 @@ class FitConfig:
     disc_base: int = knob(16, "discriminator base channels")
     disc_levels: int = knob(4, "discriminator levels")
     disc_conditional: bool = knob(True, "discriminator also sees the input view")
-    dw: bool = knob(True, "difference weighting, eq. (2), on the final stage's output before the loss")
-    dw_form: str = knob(
-        "paper",
-        "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
-        "inference only)",
-        choices=TRAINABLE_DW_FORMS,
-    )
-    dw_train_max_filter: int = knob(0, "max-filter size on O' during training (0 = off)")
-    dw_max_filter: int = knob(3, "max-filter size on O' in the inference pipeline (validation, model card)")
 
-    # optimisation
+
+@dataclass
+class OptimiserConfig:
+    """AdamW, its schedule, batch sizes and how long each stage trains."""
+
     lr: float = knob(3e-4, "generator AdamW learning rate")
     d_lr: float = knob(1e-4, "discriminator AdamW learning rate")
     weight_decay: float = knob(1e-4, "AdamW weight decay")
@@ -143,14 +205,15 @@ class FitConfig:
     grad_clip: float = knob(1.0, "gradient norm clip (0 = off)")
     batch: int = knob(2, "step-2 patches per batch (per process)")
     batch_global: int = knob(1, "step-1 global volumes per batch (per process)")
-    patches_per_case: int = knob(16, "step-2 epoch = this many crops per training case")
     max_steps: int = knob(20000, "generator steps per stage (-1: no limit)")
     max_epochs: int = knob(-1, "epochs per stage (-1: no limit)")
     seed: int = knob(0, "seed of the split, initialization and augmentation")
-    num_workers: int = knob(2, "data loader workers per process")
-    precision: str = knob("auto", "auto (bf16-mixed on GPU, 32-true on CPU) or any Lightning precision")
 
-    # validation
+
+@dataclass
+class ValidationConfig:
+    """The split, and the inference-pipeline validation that picks the checkpoint."""
+
     val_fraction: float = knob(0.2, "fraction of image ids per (study, channel) held out for validation")
     val_studies: tuple[int, ...] = knob(
         (), "hold out these whole studies for validation instead of a random split"
@@ -172,105 +235,132 @@ class FitConfig:
     val_batch: int = knob(2, "patches per forward in the validation pipeline")
     preview_cases: int = knob(3, "validation cases that get a MIP PNG (input | prediction | target)")
 
-    # hardware and bookkeeping
+
+@dataclass
+class HardwareConfig:
+    """Where and how the run executes: devices, processes, precision, loader workers, resume, logging."""
+
     accelerator: str = knob("auto", "auto | cpu | gpu", choices=ACCELERATORS)
     devices: str = knob("auto", "processes per node (auto: all GPUs, or 1 on CPU); >1 uses DDP")
     num_nodes: int = knob(1, "nodes (DDP; works under torchrun and SLURM)")
     strategy: str = knob("auto", "Lightning strategy (auto: ddp when more than one process)")
+    precision: str = knob("auto", "auto (bf16-mixed on GPU, 32-true on CPU) or any Lightning precision")
+    num_workers: int = knob(2, "data loader workers per process")
     resume: str | None = knob(None, "checkpoint to resume from, or 'last' (each stage from its last.ckpt)")
     log_every_n_steps: int = knob(10, "logging interval in steps")
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def joint(self) -> bool:
-        """Both networks trained together: step 2's loss flows back into step 1 (one stage, "2")."""
-        return self.step == "joint"
 
-    def stages(self) -> list[int]:
-        """The stages this run trains, in order, limited to those the model has (joint: stage 2 only)."""
-        wanted = {"1": [1], "2": [2], "both": [1, 2], "joint": [2]}[self.step]
-        enabled = {1: self.step1_enabled, 2: self.step2_enabled}
-        return [s for s in wanted if enabled[s]]
+@dataclass(frozen=True)
+class Flag:
+    """One setting as the command line and the stored dicts name it: ``--{name}``, key ``name``."""
 
-    def final_stage(self) -> int:
-        """The stage whose output the pipeline returns (DW is applied to it)."""
-        return 2 if self.step2_enabled else 1
+    name: str  # the flat name: CLI dest, config.json / checkpoint key
+    group: str  # the FitConfig attribute holding it
+    field: dataclasses.Field
+    hint: Any  # its resolved type
+
+
+@dataclass
+class FitConfig:
+    """Everything one ``fit`` run needs, in typed groups.
+
+    Stored (config.json, checkpoints, cards) as one flat dict whose keys are the flags'
+    names, so runs written before the grouping load unchanged.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimiser: OptimiserConfig = field(default_factory=OptimiserConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of a stored dict this version does not know
+
+    @classmethod
+    def flags(cls) -> list[Flag]:
+        """Every setting as a flag, group by group, in the order ``fit --help`` and stored dicts list them."""
+        groups = typing.get_type_hints(cls)
+        found = []
+        for group in dataclasses.fields(cls):
+            if group.name == "extra":
+                continue
+            hints = typing.get_type_hints(groups[group.name])
+            for item in dataclasses.fields(groups[group.name]):
+                name = item.metadata.get("flag", item.name)
+                found.append(Flag(name, group.name, item, hints[item.name]))
+        return found
+
+    @classmethod
+    def group_description(cls, group: str) -> str:
+        """The group's one-line docstring (the heading text of its flags in ``fit --help``)."""
+        return inspect.getdoc(typing.get_type_hints(cls)[group]) or ""
+
+    def value(self, flag: Flag) -> Any:
+        """The current value of one setting."""
+        return getattr(getattr(self, flag.group), flag.field.name)
 
     def validate(self) -> None:
         """Refuse combinations that cannot train, with a message that says what to change."""
-        for knob_field in dataclasses.fields(self):
-            allowed = knob_field.metadata.get("choices")
-            value = getattr(self, knob_field.name)
+        for flag in self.flags():
+            allowed = flag.field.metadata.get("choices")
+            value = self.value(flag)
             for item in value if isinstance(value, tuple) else (value,):
                 if allowed is not None and item not in allowed:
-                    raise ValueError(f"{knob_field.name} must be one of {allowed}, got {item!r}")
-        if not (self.step1_enabled or self.step2_enabled):
+                    raise ValueError(f"{flag.name} must be one of {allowed}, got {item!r}")
+        method, loss = self.method, self.loss
+        if not (method.step1_enabled or method.step2_enabled):
             raise ValueError("the model needs step 1, step 2 or both")
-        if self.joint and not (self.step1_enabled and self.step2_enabled):
-            raise ValueError(f"--step joint needs a two-step model; the {self.ablation} model has one step")
-        if not self.stages():
+        if method.joint and not (method.step1_enabled and method.step2_enabled):
+            raise ValueError(f"--step joint needs a two-step model; the {method.ablation} model has one step")
+        if not method.stages():
             raise ValueError(
-                f"--step {self.step} trains nothing: the {self.ablation} model has no such stage"
+                f"--step {method.step} trains nothing: the {method.ablation} model has no such stage"
             )
-        if self.patch < 8 or self.global_size < 8:
+        if method.patch < 8 or method.global_size < 8:
             raise ValueError("--patch and --global-size must be >= 8")
-        smallest = min(self.patch, self.global_size)
-        if self.beta > 0 and smallest < 2**self.disc_levels:
+        smallest = min(method.patch, method.global_size)
+        if loss.beta > 0 and smallest < 2**loss.disc_levels:
             raise ValueError(
-                f"the discriminator's {self.disc_levels} levels need inputs >= {2**self.disc_levels} voxels; "
+                f"the discriminator's {loss.disc_levels} levels need inputs >= {2**loss.disc_levels} voxels; "
                 f"--patch/--global-size is {smallest}: lower --disc-levels"
             )
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_steps < 0 and self.max_epochs < 0:
+        if not 0 <= self.validation.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.validation.val_fraction}")
+        if self.optimiser.max_steps < 0 and self.optimiser.max_epochs < 0:
             raise ValueError("set --max-steps or --max-epochs: training would never stop")
-        if self.init_weights and self.step not in ("1", "2"):
+        if method.init_weights and method.step not in ("1", "2"):
             raise ValueError("--init-weights starts one stage: give --step 1 or --step 2")
-        if self.distance_channel and self.joint:
+        if method.distance_channel and method.joint:
             raise ValueError("--distance-channel is not built for --step joint; train --step 2 after step 1")
-        if self.dw_max_filter < 1 or self.dw_max_filter % 2 == 0:
-            raise ValueError(f"dw_max_filter must be odd and >= 1, got {self.dw_max_filter}")
-
-    def method_settings(self) -> MethodSettings:
-        """The method as the inference pipeline runs this run's model (validation, export card)."""
-        return MethodSettings(
-            difference_weighting=self.dw_form if self.dw else "none",
-            max_filter=self.dw_max_filter,
-            global_size=self.global_size,
-            patch=self.patch,
-            step1_mode=self.step1_mode,
-            step2_inputs=self.step2_inputs(),
-        )
-
-    def step2_inputs(self) -> tuple[str, ...]:
-        """Step 2's input channels by name (fmc.method.STEP2_INPUTS), in the network's order."""
-        names = ("image", "step1") if self.step1_enabled else ("image",)
-        return (*names, "distance") if self.distance_channel else names
-
-    def cache_dir(self) -> Path:
-        """Where the prepared cache lives."""
-        return Path(self.cache) if self.cache else Path(self.run_dir) / "cache"
+        if method.dw_max_filter < 1 or method.dw_max_filter % 2 == 0:
+            raise ValueError(f"dw_max_filter must be odd and >= 1, got {method.dw_max_filter}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types only (tuples become lists), so checkpoints stay weights_only-loadable."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """One flat dict of plain JSON types (tuples become lists), so checkpoints stay
+        weights_only-loadable and keep the keys of every earlier run."""
+        flat = {flag.name: self.value(flag) for flag in self.flags()}
+        return json.loads(json.dumps({**flat, "extra": self.extra}))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FitConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are kept in ``extra`` rather than failing old runs."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
+        """Inverse of :meth:`to_dict` (any subset of the keys); unknown keys are kept in ``extra``
+        rather than failing old runs."""
+        by_name = {flag.name: flag for flag in cls.flags()}
+        grouped: dict[str, dict[str, Any]] = {}
         extra = dict(data.get("extra", {}))
         for key, value in data.items():
             if key == "extra":
                 continue
-            if key not in known:
+            if key not in by_name:
                 extra[key] = value
                 continue
-            if isinstance(value, list):
-                value = tuple(value)
-            kwargs[key] = value
-        return cls(**kwargs, extra=extra)
+            flag = by_name[key]
+            grouped.setdefault(flag.group, {})[flag.field.name] = (
+                tuple(value) if isinstance(value, list) else value
+            )
+        hints = typing.get_type_hints(cls)
+        groups = {name: hints[name](**values) for name, values in grouped.items()}
+        return cls(**groups, extra=extra)
 
     def write(self, path: Path) -> None:
         """Write the resolved config as indented JSON."""

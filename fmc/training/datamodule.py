@@ -29,18 +29,18 @@ log = logging.getLogger(__name__)
 
 def resolve_split(config: FitConfig, cases: list[CachedCase]) -> list[SplitRow]:
     """The run's split: ``--split-csv``, else the run's own split.csv when resuming, else a new seeded one."""
-    run_split = Path(config.run_dir) / "split.csv"
-    if config.split_csv:
-        rows = read_split(Path(config.split_csv))
-    elif run_split.is_file() and config.resume:
+    run_split = Path(config.data.run_dir) / "split.csv"
+    if config.validation.split_csv:
+        rows = read_split(Path(config.validation.split_csv))
+    elif run_split.is_file() and config.hardware.resume:
         rows = read_split(run_split)
     else:
         rows = make_split(
             [(c.id, c.image_id, c.channel, c.study) for c in cases],
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-            val_studies=tuple(config.val_studies),
-            val_min_id=config.val_min_id,
+            val_fraction=config.validation.val_fraction,
+            seed=config.optimiser.seed,
+            val_studies=tuple(config.validation.val_studies),
+            val_min_id=config.validation.val_min_id,
         )
     known = {c.id for c in cases}
     missing = [r.case_id for r in rows if r.case_id not in known]
@@ -104,7 +104,7 @@ class FusionDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         cache = ensure_cache(self.config, workers=self.prepare_workers)
-        if self.stage == 2 and self.step1_network is not None and not self.config.joint:
+        if self.stage == 2 and self.step1_network is not None and not self.config.method.joint:
             assert self.step1_dir is not None and self.step1_network_config is not None
             train, _, _ = self._split(cache)
             device = self.trainer.strategy.root_device if self.trainer is not None else None
@@ -126,9 +126,15 @@ class FusionDataModule(L.LightningDataModule):
 
     def _split(self, cache: Path) -> tuple[list[CachedCase], list[CachedCase], list[SplitRow]]:
         manifest = load_manifest(cache)
-        cases = [c for c in manifest.cases if not self.config.channels or c.channel in self.config.channels]
+        cases = [
+            c
+            for c in manifest.cases
+            if not self.config.data.channels or c.channel in self.config.data.channels
+        ]
         if not cases:
-            raise ValueError(f"no cached case matches channels {self.config.channels or 'any'} in {cache}")
+            raise ValueError(
+                f"no cached case matches channels {self.config.data.channels or 'any'} in {cache}"
+            )
         rows = resolve_split(self.config, cases)
         subset = {r.case_id: r.subset for r in rows}
         train = [c for c in cases if subset.get(c.id) == "train"]
@@ -136,18 +142,18 @@ class FusionDataModule(L.LightningDataModule):
         return train, val, rows
 
     def setup(self, stage: str) -> None:
-        cache = self.config.cache_dir()
+        cache = self.config.data.cache_dir()
         manifest = load_manifest(cache)
-        if manifest.global_size != self.config.global_size:
+        if manifest.global_size != self.config.method.global_size:
             raise ValueError(
-                f"cache global size {manifest.global_size} != --global-size {self.config.global_size}"
+                f"cache global size {manifest.global_size} != --global-size {self.config.method.global_size}"
             )
         self.train_cases, all_val, rows = self._split(cache)
         if not self.train_cases:
             raise ValueError(
                 "the split leaves no training case: lower --val-fraction or change --val-studies"
             )
-        self.val_cases = pick_validation(all_val, self.config.val_max_cases)
+        self.val_cases = pick_validation(all_val, self.config.validation.val_max_cases)
         log.info(
             "stage %d: %d training case(s), %d validation case(s) (of %d); split %s",
             self.stage,
@@ -161,29 +167,33 @@ class FusionDataModule(L.LightningDataModule):
             module.val_cases = self.val_cases
 
     def train_dataloader(self) -> DataLoader:
-        cache = self.config.cache_dir()
+        cache = self.config.data.cache_dir()
         if self.stage == 1:
-            dataset = GlobalDataset(cache, self.train_cases, flips=self.config.flips)
-            batch = self.config.batch_global
-        elif self.config.joint:
+            dataset = GlobalDataset(cache, self.train_cases, flips=self.config.data.flips)
+            batch = self.config.optimiser.batch_global
+        elif self.config.method.joint:
             dataset = JointDataset(
-                cache, self.train_cases, self.config.patch, self.config.patches_per_case, self.config.flips
+                cache,
+                self.train_cases,
+                self.config.method.patch,
+                self.config.data.patches_per_case,
+                self.config.data.flips,
             )
-            batch = self.config.batch
+            batch = self.config.optimiser.batch
         else:
             step1_dir = self.step1_dir if self.step1_network is not None else None
             dataset = PatchDataset(
                 cache,
                 self.train_cases,
-                self.config.patch,
-                self.config.patches_per_case,
+                self.config.method.patch,
+                self.config.data.patches_per_case,
                 step1_dir,
-                flips=self.config.flips,
-                target_frame=self.config.target_frame,
-                distance=self.config.distance_channel,
+                flips=self.config.data.flips,
+                target_frame=self.config.method.target_frame,
+                distance=self.config.method.distance_channel,
             )
-            batch = self.config.batch
-        workers = self.config.num_workers
+            batch = self.config.optimiser.batch
+        workers = self.config.hardware.num_workers
         return DataLoader(
             dataset,
             batch_size=batch,

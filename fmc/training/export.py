@@ -91,17 +91,17 @@ def _portable(value: Any, base: Path) -> Any:
 
 def _training_record(config: FitConfig, checkpoint: dict[str, Any], ckpt: Path) -> dict[str, Any]:
     """What the model card says about how the network was trained (paths relative to the cwd)."""
-    run = Path(config.run_dir)
+    run = Path(config.data.run_dir)
     record: dict[str, Any] = {
         "checkpoint": ckpt.name,
         "epoch": int(checkpoint.get("epoch", -1)),
         "global_step": int(checkpoint.get("global_step", -1)),
-        "ablation": config.ablation,
+        "ablation": config.method.ablation,
         "fit_config": config.to_dict(),
         "pipeline": {
-            **config.method_settings().to_card(),
-            "step1": config.step1_enabled,
-            "step2": config.step2_enabled,
+            **config.method.inference_settings().to_card(),
+            "step1": config.method.step1_enabled,
+            "step2": config.method.step2_enabled,
         },
     }
     split = run / "split.csv"
@@ -152,7 +152,7 @@ def export_checkpoint(
         network.load_state_dict(weights)
         card = ModelCard(
             step=step,
-            preset=config.preset,
+            preset=config.method.preset,
             config=dict(net_config),
             normalization=dict(CARD_NORMALIZATION),
             training={**training, "trained_stage": stage},
@@ -162,7 +162,7 @@ def export_checkpoint(
         stem = folder / f"step{step}"
         save_model(stem, network, card)
         written.append(stem)
-        log.info("exported step %d (%s preset) -> %s.safetensors", step, config.preset, stem)
+        log.info("exported step %d (%s preset) -> %s.safetensors", step, config.method.preset, stem)
     _make_shareable(
         out, folder, [stem.with_suffix(suffix) for stem in written for suffix in (".safetensors", ".json")]
     )

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from fmc.training.callbacks import LastCheckpoint, Throughput
 from fmc.training.checkpoints import generator_init, load_checkpoint, step1_from_checkpoint, widen_inputs
-from fmc.training.config import FitConfig
+from fmc.training.config import FitConfig, HardwareConfig
 from fmc.training.datamodule import FusionDataModule
 from fmc.training.module import FusionModule, network_config
 from fmc.training.sources import data_description
@@ -63,46 +63,46 @@ class StageResult:
 
 
 def stage_dir(config: FitConfig, stage: int) -> Path:
-    return Path(config.run_dir) / f"step{stage}"
+    return Path(config.data.run_dir) / f"step{stage}"
 
 
-def resolve_accelerator(config: FitConfig) -> tuple[str, int]:
+def resolve_accelerator(hardware: HardwareConfig) -> tuple[str, int]:
     """('gpu' | 'cpu', device count) with ``auto`` resolved, so precision and strategy can depend on it."""
-    accelerator = config.accelerator
+    accelerator = hardware.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator not in ("gpu", "cpu", "cuda"):
-        raise ValueError(f"accelerator must be auto, cpu or gpu, got {config.accelerator!r}")
+        raise ValueError(f"accelerator must be auto, cpu or gpu, got {hardware.accelerator!r}")
     accelerator = "gpu" if accelerator == "cuda" else accelerator
-    if config.devices == "auto":
+    if hardware.devices == "auto":
         devices = max(1, torch.cuda.device_count()) if accelerator == "gpu" else 1
     else:
-        devices = int(config.devices)
+        devices = int(hardware.devices)
     return accelerator, devices
 
 
-def resolve_precision(config: FitConfig, accelerator: str) -> str:
-    if config.precision != "auto":
-        return config.precision
+def resolve_precision(hardware: HardwareConfig, accelerator: str) -> str:
+    if hardware.precision != "auto":
+        return hardware.precision
     return "bf16-mixed" if accelerator == "gpu" else "32-true"
 
 
 def loader_batch_bytes(config: FitConfig) -> int:
     """Bytes of the largest batch a loader worker hands over (float32; input, step-1 channel, target)."""
-    step1 = config.batch_global * 2 * config.global_size**3 * 4
-    step2 = config.batch * 3 * config.patch**3 * 4
-    return max(step1 if config.step1_enabled else 0, step2 if config.step2_enabled else 0)
+    step1 = config.optimiser.batch_global * 2 * config.method.global_size**3 * 4
+    step2 = config.optimiser.batch * 3 * config.method.patch**3 * 4
+    return max(step1 if config.method.step1_enabled else 0, step2 if config.method.step2_enabled else 0)
 
 
 def check_shared_memory(config: FitConfig, shm: Path | None = None) -> int:
-    """The loader workers to use: ``config.num_workers``, or 0 with a warning when /dev/shm is too small.
+    """The loader workers to use: ``--num-workers``, or 0 with a warning when /dev/shm is too small.
 
     Why: workers pass batches through shared memory, and Docker gives a container 64 MB of it
     unless ``--ipc=host`` or ``--shm-size`` is given; the first batch then dies with "unable to
     allocate shared memory(shm) ... No space left on device". Loading in the main process is
     slower but trains.
     """
-    workers = config.num_workers
+    workers = config.hardware.num_workers
     shm = SHM_PATH if shm is None else shm
     if workers <= 0 or not shm.is_dir():
         return workers
@@ -138,7 +138,7 @@ def _forward_flops_per_voxel(config: FitConfig, stage: int, edge: int = 32) -> f
 
     from fmc.network import RUNet
 
-    network = RUNet(network_config(config, stage))
+    network = RUNet(network_config(config.method, stage))
     sample = torch.zeros(1, network.config.in_channels, edge, edge, edge)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         network(sample)
@@ -153,8 +153,12 @@ def cpu_step_estimates(config: FitConfig) -> dict[int, float]:
     """
     cores = max(1, torch.get_num_threads())
     estimates = {}
-    for stage in config.stages():
-        voxels = config.batch_global * config.global_size**3 if stage == 1 else config.batch * config.patch**3
+    for stage in config.method.stages():
+        voxels = (
+            config.optimiser.batch_global * config.method.global_size**3
+            if stage == 1
+            else config.optimiser.batch * config.method.patch**3
+        )
         flops = 3 * _forward_flops_per_voxel(config, stage) * voxels
         estimates[stage] = flops / (CPU_TRAIN_FLOPS_PER_CORE * cores)
     return estimates
@@ -162,7 +166,7 @@ def cpu_step_estimates(config: FitConfig) -> dict[int, float]:
 
 def warn_cpu_sized(config: FitConfig) -> dict[int, float]:
     """On a CPU, warn when the settings are GPU-sized: the estimated time per step and the CPU recipe."""
-    if resolve_accelerator(config)[0] != "cpu":
+    if resolve_accelerator(config.hardware)[0] != "cpu":
         return {}
     try:
         estimates = cpu_step_estimates(config)
@@ -171,7 +175,7 @@ def warn_cpu_sized(config: FitConfig) -> dict[int, float]:
         return {}
     slow = {stage: seconds for stage, seconds in estimates.items() if seconds > CPU_SLOW_STEP_SECONDS}
     if slow:
-        steps = config.max_steps if config.max_steps > 0 else None
+        steps = config.optimiser.max_steps if config.optimiser.max_steps > 0 else None
         detail = "; ".join(
             f"step {stage}: about {seconds:.0f} s per step"
             + (f" ({seconds * steps / 3600:.0f} h for {steps} steps)" if steps else "")
@@ -181,11 +185,11 @@ def warn_cpu_sized(config: FitConfig) -> dict[int, float]:
             "training on the CPU with GPU-sized settings (global %d^3 x %d, patches %d^3 x %d, %s preset): "
             "%s (estimated from this network's FLOPs and a measured CPU rate). For a CPU run see README "
             "'Training on a CPU': %s",
-            config.global_size,
-            config.batch_global,
-            config.patch,
-            config.batch,
-            config.preset,
+            config.method.global_size,
+            config.optimiser.batch_global,
+            config.method.patch,
+            config.optimiser.batch,
+            config.method.preset,
             detail,
             CPU_RECIPE,
         )
@@ -194,10 +198,10 @@ def warn_cpu_sized(config: FitConfig) -> dict[int, float]:
 
 def build_strategy(config: FitConfig, devices: int) -> Any:
     """DDP when more than one process; a GAN needs ``find_unused_parameters`` (D idles in G's backward)."""
-    if config.strategy != "auto":
-        return config.strategy
-    if devices * config.num_nodes > 1:
-        return DDPStrategy(find_unused_parameters=config.beta > 0, timeout=DDP_TIMEOUT)
+    if config.hardware.strategy != "auto":
+        return config.hardware.strategy
+    if devices * config.hardware.num_nodes > 1:
+        return DDPStrategy(find_unused_parameters=config.loss.beta > 0, timeout=DDP_TIMEOUT)
     return "auto"
 
 
@@ -220,7 +224,7 @@ def build_loggers(config: FitConfig, stage: int) -> list[Logger]:
 
 
 def build_trainer(config: FitConfig, stage: int) -> tuple[L.Trainer, ModelCheckpoint, Throughput]:
-    accelerator, devices = resolve_accelerator(config)
+    accelerator, devices = resolve_accelerator(config.hardware)
     folder = stage_dir(config, stage)
     checkpoint = ModelCheckpoint(
         dirpath=str(folder / "checkpoints"),
@@ -238,16 +242,16 @@ def build_trainer(config: FitConfig, stage: int) -> tuple[L.Trainer, ModelCheckp
         default_root_dir=str(folder),
         accelerator=accelerator,
         devices=devices,
-        num_nodes=config.num_nodes,
+        num_nodes=config.hardware.num_nodes,
         strategy=build_strategy(config, devices),
-        precision=resolve_precision(config, accelerator),  # type: ignore[arg-type]
-        max_steps=config.max_steps,
-        max_epochs=config.max_epochs,
-        check_val_every_n_epoch=config.val_every,
+        precision=resolve_precision(config.hardware, accelerator),  # type: ignore[arg-type]
+        max_steps=config.optimiser.max_steps,
+        max_epochs=config.optimiser.max_epochs,
+        check_val_every_n_epoch=config.validation.val_every,
         num_sanity_val_steps=0,
         logger=build_loggers(config, stage),
         callbacks=[checkpoint, last, throughput],
-        log_every_n_steps=config.log_every_n_steps,
+        log_every_n_steps=config.hardware.log_every_n_steps,
         benchmark=accelerator == "gpu",
     )
     return trainer, checkpoint, throughput
@@ -265,16 +269,16 @@ def find_checkpoint(config: FitConfig, stage: int, which: str) -> Path | None:
 
 def resume_plan(config: FitConfig) -> dict[int, Path | None]:
     """Which checkpoint each stage of this run resumes from (``None``: starts fresh)."""
-    plan: dict[int, Path | None] = dict.fromkeys(config.stages())
-    if not config.resume:
+    plan: dict[int, Path | None] = dict.fromkeys(config.method.stages())
+    if not config.hardware.resume:
         return plan
-    if config.resume == "last":
+    if config.hardware.resume == "last":
         for stage in plan:
             plan[stage] = find_checkpoint(config, stage, "last")
             if plan[stage] is not None:
                 load_checkpoint(plan[stage])  # a clear error naming the file, never a pickle load
         return plan
-    path = Path(config.resume)
+    path = Path(config.hardware.resume)
     stage = int(load_checkpoint(path)["hyper_parameters"]["stage"])
     if stage not in plan:
         raise ValueError(f"{path} is a stage-{stage} checkpoint, but this run trains stages {list(plan)}")
@@ -316,8 +320,8 @@ def _step1_source(config: FitConfig, resume_from: Path | None, previous: StageRe
         return resume_from  # a stage-2 checkpoint carries its frozen step-1 network
     if previous is not None:
         return Path(previous.best_checkpoint or previous.last_checkpoint)
-    if config.step1_ckpt:
-        return Path(config.step1_ckpt)
+    if config.method.step1_ckpt:
+        return Path(config.method.step1_ckpt)
     found = find_checkpoint(config, 1, "best") or find_checkpoint(config, 1, "last")
     if found is None:
         raise FileNotFoundError(
@@ -336,30 +340,33 @@ def run_stage(
 ) -> StageResult:
     """Train one stage; returns its checkpoints and best validation N_SSIM."""
     step1_state = step1_config = None
-    if stage == 2 and config.joint:
+    if stage == 2 and config.method.joint:
         # Joint: step 1 trains here too; it may start from a trained one (--step1-ckpt).
-        step1_config = network_config(config, 1).to_dict()
-        if config.step1_ckpt:
-            step1_state, step1_config = step1_from_checkpoint(Path(config.step1_ckpt))
-            log.info("joint training: step-1 network initialized from %s", config.step1_ckpt)
-    elif stage == 2 and config.step1_enabled:
+        step1_config = network_config(config.method, 1).to_dict()
+        if config.method.step1_ckpt:
+            step1_state, step1_config = step1_from_checkpoint(Path(config.method.step1_ckpt))
+            log.info("joint training: step-1 network initialized from %s", config.method.step1_ckpt)
+    elif stage == 2 and config.method.step1_enabled:
         source = _step1_source(config, resume_from, previous)
         step1_state, step1_config = step1_from_checkpoint(source)
         log.info("stage 2: step-1 network from %s", source)
     module = FusionModule(config.to_dict(), stage, step1_config)
     if resume_from is not None:
         check_resume_matches(resume_from, module)
-    elif config.init_weights:
-        origin = Path(config.init_weights)
+    elif config.method.init_weights:
+        origin = Path(config.method.init_weights)
         start = widen_inputs(generator_init(origin, stage), module.generator.state_dict(), origin)
         module.generator.load_state_dict(start)
         log.info("stage %d: generator initialized from %s", stage, origin)
     step1_dir = None
     if module.step1_net is not None and step1_state is not None:
         module.step1_net.load_state_dict(step1_state)
-    if module.step1_net is not None and not config.joint:
+    if module.step1_net is not None and not config.method.joint:
         step1_dir = outputs_folder(
-            Path(config.run_dir), weights_fingerprint(module.step1_net), config.global_size, config.step1_mode
+            Path(config.data.run_dir),
+            weights_fingerprint(module.step1_net),
+            config.method.global_size,
+            config.method.step1_mode,
         )
     datamodule = FusionDataModule(
         config,
@@ -373,12 +380,12 @@ def run_stage(
     log.info(
         "stage %d: %s preset, %.2f M generator parameters, %s",
         stage,
-        config.preset,
+        config.method.preset,
         sum(p.numel() for p in module.generator.parameters()) / 1e6,
         f"resuming from {resume_from}"
         if resume_from
-        else f"starting from {config.init_weights}"
-        if config.init_weights
+        else f"starting from {config.method.init_weights}"
+        if config.method.init_weights
         else "from scratch",
     )
     with warnings.catch_warnings():
@@ -412,22 +419,22 @@ def _write_json(path: Path, data: Any) -> None:
 
 @rank_zero_only
 def _write_config(config: FitConfig) -> None:
-    config.write(Path(config.run_dir) / "config.json")
+    config.write(Path(config.data.run_dir) / "config.json")
 
 
 def run_fit(config: FitConfig, *, prepare_workers: int = 1) -> list[StageResult]:
     """Train every stage the config asks for; returns one result per stage trained."""
     config.validate()
-    config.run_dir = str(Path(config.run_dir).resolve())
-    config.cache = str(config.cache_dir().resolve())
-    if config.data:
-        config.data = str(Path(config.data).resolve())
-    if config.step1_ckpt:
-        config.step1_ckpt = str(Path(config.step1_ckpt).resolve())
-    config.num_workers = check_shared_memory(config)
+    config.data.run_dir = str(Path(config.data.run_dir).resolve())
+    config.data.cache = str(config.data.cache_dir().resolve())
+    if config.data.raw_folder:
+        config.data.raw_folder = str(Path(config.data.raw_folder).resolve())
+    if config.method.step1_ckpt:
+        config.method.step1_ckpt = str(Path(config.method.step1_ckpt).resolve())
+    config.hardware.num_workers = check_shared_memory(config)
     if rank_zero_only.rank == 0:
         warn_cpu_sized(config)  # before seeding: its FLOP count initializes a network (random numbers)
-    L.seed_everything(config.seed, workers=True)
+    L.seed_everything(config.optimiser.seed, workers=True)
     plan = resume_plan(config)
     _write_config(config)
     results: list[StageResult] = []
@@ -443,6 +450,6 @@ def run_fit(config: FitConfig, *, prepare_workers: int = 1) -> list[StageResult]
         )
         results.append(result)
         previous = result
-        _write_json(Path(config.run_dir) / "data.json", data_description(config))
-    _write_json(Path(config.run_dir) / "summary.json", {"stages": [asdict(r) for r in results]})
+        _write_json(Path(config.data.run_dir) / "data.json", data_description(config.data))
+    _write_json(Path(config.data.run_dir) / "summary.json", {"stages": [asdict(r) for r in results]})
     return results

@@ -28,7 +28,7 @@ from fmc.network import Discriminator3D, RUNet, RUNetConfig, preset
 from fmc.normalization import CARD_NORMALIZATION
 from fmc.pipeline import FusionPipeline, PipelineConfig
 from fmc.training.cache import CachedCase
-from fmc.training.config import FitConfig
+from fmc.training.config import FitConfig, MethodConfig
 from fmc.training.losses import (
     LossWeights,
     discriminator_loss,
@@ -42,7 +42,7 @@ from fmc.weights import LoadedModel, ModelCard, ModelSet
 log = logging.getLogger(__name__)
 
 
-def network_config(config: FitConfig, stage: int) -> RUNetConfig:
+def network_config(method: MethodConfig, stage: int) -> RUNetConfig:
     """Stage 2 sees [input, step-1 output] when the model has a step 1, else the input alone.
 
     With a step 1, stage 2's global residual is the step-1 output (channel 1, ``--step2-residual
@@ -50,13 +50,13 @@ def network_config(config: FitConfig, stage: int) -> RUNetConfig:
     from that prediction. In "correction" mode step 1 starts as the identity too, so the untrained
     pipeline is the resampled input.
     """
-    if stage == 2 and config.step1_enabled:
-        inputs = len(config.step2_inputs())
-        if config.step2_residual == "input":
-            return replace(preset(config.preset, in_channels=inputs), residual_channel=0, zero_head=True)
-        return replace(preset(config.preset, in_channels=inputs), residual_channel=1)
-    inputs = len(config.step2_inputs()) if stage == 2 else 1
-    return replace(preset(config.preset, in_channels=inputs), zero_head=config.step1_mode == "correction")
+    if stage == 2 and method.step1_enabled:
+        inputs = len(method.step2_inputs())
+        if method.step2_residual == "input":
+            return replace(preset(method.preset, in_channels=inputs), residual_channel=0, zero_head=True)
+        return replace(preset(method.preset, in_channels=inputs), residual_channel=1)
+    inputs = len(method.step2_inputs()) if stage == 2 else 1
+    return replace(preset(method.preset, in_channels=inputs), zero_head=method.step1_mode == "correction")
 
 
 def apply_difference_weighting(inp: torch.Tensor, out: torch.Tensor, max_filter: int = 0) -> torch.Tensor:
@@ -81,8 +81,8 @@ class FusionModule(L.LightningModule):
         self.cfg = FitConfig.from_dict(config)
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        net_config = network_config(self.cfg, stage)
-        if stage == 2 and self.cfg.step1_enabled and step1_network is None:
+        net_config = network_config(self.cfg.method, stage)
+        if stage == 2 and self.cfg.method.step1_enabled and step1_network is None:
             raise ValueError("stage 2 of a two-step model needs the step-1 network config")
         self.save_hyperparameters(
             {
@@ -96,7 +96,7 @@ class FusionModule(L.LightningModule):
         self.stage = stage
         self.generator = RUNet(net_config)
         self.step1_net: RUNet | None = None
-        self.joint = stage == 2 and self.cfg.joint
+        self.joint = stage == 2 and self.cfg.method.joint
         if stage == 2 and step1_network is not None:
             # Sequential: a frozen copy of the trained step-1 network, for validation (the real pipeline)
             # and export. Joint: trained together with the generator.
@@ -105,16 +105,19 @@ class FusionModule(L.LightningModule):
                 self.step1_net.requires_grad_(False)
                 self.step1_net.eval()
         self.discriminator: Discriminator3D | None = None
-        if self.cfg.beta > 0:
-            d_in = 2 if self.cfg.disc_conditional else 1
+        if self.cfg.loss.beta > 0:
+            d_in = 2 if self.cfg.loss.disc_conditional else 1
             self.discriminator = Discriminator3D(
-                in_channels=d_in, base=self.cfg.disc_base, levels=self.cfg.disc_levels
+                in_channels=d_in, base=self.cfg.loss.disc_base, levels=self.cfg.loss.disc_levels
             )
-        self.apply_dw = self.cfg.dw and stage == self.cfg.final_stage()
+        self.apply_dw = self.cfg.method.dw and stage == self.cfg.method.final_stage()
         # only the paper's form is differentiable; the released form is applied at inference only
-        self.dw_in_loss = self.apply_dw and self.cfg.dw_form == "paper"
+        self.dw_in_loss = self.apply_dw and self.cfg.method.dw_form == "paper"
         self.loss_weights = LossWeights(
-            alpha=self.cfg.alpha, ssim=self.cfg.w_ssim, pearson=self.cfg.w_pearson, cosine=self.cfg.w_cosine
+            alpha=self.cfg.loss.alpha,
+            ssim=self.cfg.loss.w_ssim,
+            pearson=self.cfg.loss.w_pearson,
+            cosine=self.cfg.loss.w_cosine,
         )
         self.val_cases: list[CachedCase] = []
         self._val_scores: dict[int, float] = {}
@@ -136,18 +139,18 @@ class FusionModule(L.LightningModule):
         resumed run would replay the crops of step 0; mixing in the rank and the step avoids both.
         Loader workers are seeded separately by Lightning (rank-aware).
         """
-        sequence = np.random.SeedSequence([self.cfg.seed, self.global_rank, self.global_step])
+        sequence = np.random.SeedSequence([self.cfg.optimiser.seed, self.global_rank, self.global_step])
         torch.manual_seed(int(sequence.generate_state(1)[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Generator output after DW when this stage's output is the model's final one."""
         out = self.generator(x).float()
         if self.dw_in_loss:
-            out = apply_difference_weighting(x[:, :1].float(), out, self.cfg.dw_train_max_filter)
+            out = apply_difference_weighting(x[:, :1].float(), out, self.cfg.method.dw_train_max_filter)
         return out
 
     def _disc_input(self, inp: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        return torch.cat([inp, candidate], dim=1) if self.cfg.disc_conditional else candidate
+        return torch.cat([inp, candidate], dim=1) if self.cfg.loss.disc_conditional else candidate
 
     def _joint_inputs(
         self, batch: tuple[torch.Tensor, ...]
@@ -157,9 +160,9 @@ class FusionModule(L.LightningModule):
         assert self.step1_net is not None
         out1 = self.step1_net(x_glob).float()
         loss1, parts1 = reconstruction_loss(out1, y_glob, self.loss_weights)
-        change = out1 - x_glob.float() if self.cfg.step1_mode == "correction" else out1
+        change = out1 - x_glob.float() if self.cfg.method.step1_mode == "correction" else out1
         guide = F.grid_sample(change, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        if self.cfg.step1_mode == "correction":
+        if self.cfg.method.step1_mode == "correction":
             guide = guide + x_patch.float()
         parts = {f"step1_{k}": v for k, v in parts1.items()}
         return torch.cat([x_patch, guide.to(x_patch.dtype)], dim=1), y_patch, loss1, parts
@@ -179,21 +182,23 @@ class FusionModule(L.LightningModule):
         pred = self(x)
         loss, parts = reconstruction_loss(pred, y, self.loss_weights)
         if step1_loss is not None:
-            loss = loss + self.cfg.w_step1 * step1_loss
+            loss = loss + self.cfg.loss.w_step1 * step1_loss
             parts.update(step1_parts)
-        adversarial = self.discriminator is not None and self.global_step >= self.cfg.gan_warmup_steps
+        adversarial = self.discriminator is not None and self.global_step >= self.cfg.loss.gan_warmup_steps
         if adversarial:
             assert self.discriminator is not None
             self.discriminator.requires_grad_(False)
             parts["adv"] = generator_adversarial_loss(
-                self.discriminator(self._disc_input(inp, pred)), self.cfg.gan_mode
+                self.discriminator(self._disc_input(inp, pred)), self.cfg.loss.gan_mode
             )
-            loss = loss + self.cfg.beta * parts["adv"]
+            loss = loss + self.cfg.loss.beta * parts["adv"]
             self.discriminator.requires_grad_(True)
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.cfg.grad_clip > 0:
-            self.clip_gradients(opt_g, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+        if self.cfg.optimiser.grad_clip > 0:
+            self.clip_gradients(
+                opt_g, gradient_clip_val=self.cfg.optimiser.grad_clip, gradient_clip_algorithm="norm"
+            )
         opt_g.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -203,12 +208,12 @@ class FusionModule(L.LightningModule):
         if self.discriminator is not None and opt_d is not None:
             real = self.discriminator(self._disc_input(inp, y.float()))
             fake = self.discriminator(self._disc_input(inp, pred.detach()))
-            d_loss = discriminator_loss(real, fake, self.cfg.gan_mode)
+            d_loss = discriminator_loss(real, fake, self.cfg.loss.gan_mode)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
-            if self.cfg.grad_clip > 0:
+            if self.cfg.optimiser.grad_clip > 0:
                 self.clip_gradients(
-                    opt_d, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm"
+                    opt_d, gradient_clip_val=self.cfg.optimiser.grad_clip, gradient_clip_algorithm="norm"
                 )
             # The raw optimizer, so global_step keeps counting generator steps only.
             opt_d.optimizer.step()
@@ -222,9 +227,11 @@ class FusionModule(L.LightningModule):
         params = list(self.generator.parameters())
         if self.joint and self.step1_net is not None:
             params += list(self.step1_net.parameters())
-        opt_g = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        total = self.cfg.max_steps
-        if self.cfg.lr_schedule == "cosine" and total > 0:
+        opt_g = torch.optim.AdamW(
+            params, lr=self.cfg.optimiser.lr, weight_decay=self.cfg.optimiser.weight_decay
+        )
+        total = self.cfg.optimiser.max_steps
+        if self.cfg.optimiser.lr_schedule == "cosine" and total > 0:
 
             def factor(step: int) -> float:
                 # Cosine from 1 to 0.01 over max_steps; flat after it (a resume may raise max_steps).
@@ -242,9 +249,9 @@ class FusionModule(L.LightningModule):
             optimizers.append(
                 torch.optim.AdamW(
                     self.discriminator.parameters(),
-                    lr=self.cfg.d_lr,
+                    lr=self.cfg.optimiser.d_lr,
                     betas=(0.5, 0.999),
-                    weight_decay=self.cfg.weight_decay,
+                    weight_decay=self.cfg.optimiser.weight_decay,
                 )
             )
         return optimizers, [{"scheduler": scheduler, "interval": "step"}]
@@ -270,10 +277,10 @@ class FusionModule(L.LightningModule):
     def card(self, step: int, **extra: Any) -> ModelCard:
         """Model card of one exported network (the training details are filled in by export)."""
         config = self.hparams["step1_network"] if step == 1 and self.stage == 2 else self.hparams["network"]
-        extra.setdefault("training", {"pipeline": self.cfg.method_settings().to_card()})
+        extra.setdefault("training", {"pipeline": self.cfg.method.inference_settings().to_card()})
         return ModelCard(
             step=step,
-            preset=self.cfg.preset,
+            preset=self.cfg.method.preset,
             config=dict(config),
             normalization=dict(CARD_NORMALIZATION),
             **extra,
@@ -286,18 +293,18 @@ class FusionModule(L.LightningModule):
     def validation_step(self, item: dict[str, Any], batch_idx: int) -> None:
         case = CachedCase.from_dict(item["case"])
         assert self._pipeline is not None
-        if self.cfg.val_mode == "full":
+        if self.cfg.validation.val_mode == "full":
             inp, pred, target = self._validate_full(case)
         else:
             inp, pred, target = self._validate_iso(case)
         score = float(n_ssim(pred, target, inp, device=self.device))
         self._val_scores[int(item["index"])] = score
-        if int(item["index"]) < self.cfg.preview_cases:
+        if int(item["index"]) < self.cfg.validation.preview_cases:
             self._preview(case, inp, pred, target, score)
 
     def _validate_iso(self, case: CachedCase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The pipeline's isotropic core on the cached 0.6 um volumes (no resampling round trip)."""
-        cache = self.cfg.cache_dir()
+        cache = self.cfg.data.cache_dir()
         inp = np.asarray(case.load(cache, "input", mmap=False), dtype=np.float32)
         target = np.asarray(case.load(cache, "target", mmap=False), dtype=np.float32)
         assert self._pipeline is not None
@@ -319,7 +326,7 @@ class FusionModule(L.LightningModule):
     ) -> None:
         """MIP PNG (input | prediction | target) to the run folder and, when present, TensorBoard."""
         image = mip_panel(inp, pred, target)
-        folder = Path(self.cfg.run_dir) / f"step{self.stage}" / "previews"
+        folder = Path(self.cfg.data.run_dir) / f"step{self.stage}" / "previews"
         name = f"epoch{self.current_epoch:04d}_step{self.global_step:07d}_{case.id}.png"
         save_png(folder / name, image)
         for logger in self.loggers:

@@ -25,14 +25,18 @@ def pipeline_config_of(
 ) -> PipelineConfig:
     """The pipeline of one stage's model: step 1 alone for stage 1, both steps (as the model has
     them) for stage 2; DW in the run's form when ``with_dw`` (the final stage), else none."""
-    settings = config.method_settings()
+    settings = config.method.inference_settings()
     return PipelineConfig(
         kernels=KernelOptions(precision=network_precision(device, trainer_precision), channels_last=False),
-        step1=stage == 1 or config.step1_enabled,
+        step1=stage == 1 or config.method.step1_enabled,
         step2=stage == 2,
         difference_weighting=settings.difference_weighting if with_dw else "none",
         max_filter=settings.max_filter,
         step1_mode=settings.step1_mode,
         global_size=settings.global_size,
-        tiling=TilingConfig(patch=(config.patch,) * 3, overlap=config.val_overlap, batch=config.val_batch),
+        tiling=TilingConfig(
+            patch=(config.method.patch,) * 3,
+            overlap=config.validation.val_overlap,
+            batch=config.validation.val_batch,
+        ),
     )

@@ -12,53 +12,53 @@ from pathlib import Path
 from typing import Any
 
 from fmc.training.cache import PrepareConfig, load_manifest, prepare_cache
-from fmc.training.config import FitConfig
+from fmc.training.config import DataConfig, FitConfig
 
 log = logging.getLogger(__name__)
 
 SIM_MARKER = "simulated.json"
 
 
-def simulated_folder(config: FitConfig) -> Path:
-    return Path(config.run_dir) / "simulated"
+def simulated_folder(data: DataConfig) -> Path:
+    return Path(data.run_dir) / "simulated"
 
 
-def simulation_description(config: FitConfig) -> dict[str, Any]:
+def simulation_description(data: DataConfig) -> dict[str, Any]:
     """What was simulated; also the marker that says the folder is complete."""
     return {
         "generator": "fmc.simulate.write_dataset (domain randomization: fmc.simulate.random_params)",
-        "pairs_per_channel": config.simulate,
-        "channels": list(config.sim_channels),
-        "shape": list(config.sim_shape),
-        "seed": config.sim_seed,
+        "pairs_per_channel": data.simulate,
+        "channels": list(data.sim_channels),
+        "shape": list(data.sim_shape),
+        "seed": data.sim_seed,
     }
 
 
-def ensure_simulated(config: FitConfig) -> Path:
-    """Write ``config.simulate`` pairs per channel once (seed ``sim_seed + k`` for the k-th channel)."""
+def ensure_simulated(data: DataConfig) -> Path:
+    """Write ``--simulate`` pairs per channel once (seed ``sim_seed + k`` for the k-th channel)."""
     from fmc.simulate import write_dataset
 
-    folder = simulated_folder(config)
+    folder = simulated_folder(data)
     marker = folder / SIM_MARKER
-    wanted = simulation_description(config)
+    wanted = simulation_description(data)
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         log.info("simulated data already in %s", folder)
         return folder
-    for k, channel in enumerate(config.sim_channels):
+    for k, channel in enumerate(data.sim_channels):
         log.info(
-            "simulating %d %s pair(s) of shape %s into %s", config.simulate, channel, config.sim_shape, folder
+            "simulating %d %s pair(s) of shape %s into %s", data.simulate, channel, data.sim_shape, folder
         )
-        write_dataset(folder, config.simulate, channel, config.sim_seed + k, tuple(config.sim_shape))
+        write_dataset(folder, data.simulate, channel, data.sim_seed + k, tuple(data.sim_shape))
     marker.write_text(json.dumps(wanted, indent=2))
     return folder
 
 
 def ensure_cache(config: FitConfig, *, workers: int = 1, device: str = "auto") -> Path:
     """Simulate and/or prepare as the config asks; returns the cache folder (which has a manifest)."""
-    cache = config.cache_dir()
-    data = Path(config.data) if config.data else None
-    if config.simulate > 0:
-        data = ensure_simulated(config)
+    cache = config.data.cache_dir()
+    data = Path(config.data.raw_folder) if config.data.raw_folder else None
+    if config.data.simulate > 0:
+        data = ensure_simulated(config.data)
     if data is not None:
         prepare_cache(
             PrepareConfig(
@@ -66,22 +66,23 @@ def ensure_cache(config: FitConfig, *, workers: int = 1, device: str = "auto") -
                 cache=cache,
                 workers=workers,
                 device=device,
-                global_size=config.global_size,
+                global_size=config.method.global_size,
                 progress=True,
             )
         )
     manifest = load_manifest(cache)
-    if manifest.global_size != config.global_size:
+    wanted = config.method.global_size
+    if manifest.global_size != wanted:
         raise ValueError(
             f"the cache {cache} holds {manifest.global_size}^3 global volumes but --global-size is "
-            f"{config.global_size}: prepare again with --global-size {config.global_size} or change the flag"
+            f"{wanted}: prepare again with --global-size {wanted} or change the flag"
         )
     return cache
 
 
-def data_description(config: FitConfig) -> dict[str, Any]:
+def data_description(data: DataConfig) -> dict[str, Any]:
     """For the model card: what the model was trained on."""
-    manifest = load_manifest(config.cache_dir())
+    manifest = load_manifest(data.cache_dir())
     channels = sorted({c.channel for c in manifest.cases})
     studies = sorted({str(c.study) if c.study is not None else "none" for c in manifest.cases})
     description: dict[str, Any] = {
@@ -93,8 +94,8 @@ def data_description(config: FitConfig) -> dict[str, Any]:
         "cache_settings": manifest.settings,
     }
     simulated_folder_given = any(Path(manifest.data).glob("image_*_params.json"))  # fmc.simulate's sidecars
-    if config.simulate > 0 or simulated_folder_given:
-        description["simulated"] = simulation_description(config) if config.simulate > 0 else True
+    if data.simulate > 0 or simulated_folder_given:
+        description["simulated"] = simulation_description(data) if data.simulate > 0 else True
         description["note"] = (
             "trained on simulated data from fmc.simulate; retrain on the FuseMyCells data for real use"
         )

@@ -19,15 +19,15 @@ REPO = Path(__file__).resolve().parents[2]
 def test_ablation_presets(name: str) -> None:
     config = resolve_config({}, name)
     for key, value in ABLATIONS[name].items():
-        assert getattr(config, key) == value
+        assert config.to_dict()[key] == value
     stages = {"step1-only": [1], "patch-only": [2]}.get(name, [1, 2])
-    assert config.stages() == stages
+    assert config.method.stages() == stages
 
 
 def test_explicit_flags_override_the_preset() -> None:
     config = resolve_config({"beta": 0.5, "dw": False, "patch": 32}, "adversarial-dw")
-    assert (config.beta, config.dw, config.patch) == (0.5, False, 32)
-    assert config.step1_enabled and config.step2_enabled
+    assert (config.loss.beta, config.method.dw, config.method.patch) == (0.5, False, 32)
+    assert config.method.step1_enabled and config.method.step2_enabled
 
 
 def test_impossible_configs_are_refused() -> None:
@@ -74,8 +74,8 @@ def test_train_py_help_runs_as_a_script() -> None:
 def test_discriminator_depth_must_fit_the_patch() -> None:
     with pytest.raises(ValueError, match="disc-levels"):
         resolve_config({"patch": 8, "disc_levels": 4})
-    assert resolve_config({"patch": 8, "disc_levels": 3}).patch == 8
-    assert resolve_config({"patch": 8, "disc_levels": 4, "beta": 0.0}).beta == 0.0  # no discriminator
+    assert resolve_config({"patch": 8, "disc_levels": 3}).method.patch == 8
+    assert resolve_config({"patch": 8, "disc_levels": 4, "beta": 0.0}).loss.beta == 0.0  # no discriminator
 
 
 def test_fit_accepts_out_as_the_run_folder(tmp_path, capsys):
@@ -83,3 +83,45 @@ def test_fit_accepts_out_as_the_run_folder(tmp_path, capsys):
 
     assert main(["fit", "--out", str(tmp_path / "run"), "--print-config"]) == 0
     assert f'"run_dir": "{tmp_path / "run"}"' in capsys.readouterr().out
+
+
+def _shipped_fit_config(model: str) -> dict:
+    card = json.loads((REPO / "resources/weights" / model / "step2.json").read_text())
+    return card["training"]["fit_config"]
+
+
+def test_flat_records_of_earlier_runs_load_into_the_groups() -> None:
+    """The shipped cards' fit_config was written as one flat dict: it must load key for key, and a
+    record from before a setting existed gets that setting's default."""
+    current = _shipped_fit_config("nucleus")
+    config = FitConfig.from_dict(current)
+    assert config.extra == {} and config.to_dict() == current
+    assert config.data.raw_folder == current["data"] and config.method.init_weights == current["init_weights"]
+    older = _shipped_fit_config("any")
+    assert "distance_channel" not in older
+    loaded = FitConfig.from_dict(older)
+    assert loaded.extra == {} and loaded.method.distance_channel is False
+    assert {k: v for k, v in loaded.to_dict().items() if k in older} == older
+
+
+def test_each_setting_has_one_flag_and_the_flags_are_the_stored_keys() -> None:
+    flags = [flag.name for flag in FitConfig.flags()]
+    assert len(flags) == len(set(flags))
+    assert set(flags) == set(_shipped_fit_config("nucleus")) - {"extra"}
+    fit_parser = build_parser()._subparsers._group_actions[0].choices["fit"]  # type: ignore[union-attr]
+    given = {action.dest for action in fit_parser._actions}
+    assert set(flags) <= given
+
+
+def test_data_flag_fills_the_raw_folder_and_groups_are_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--data", "/raw/pairs", "--lr", "0.5", "--num-workers", "0", "--print-config"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["data"] == "/raw/pairs"
+    config = FitConfig.from_dict(data)
+    assert (config.data.raw_folder, config.optimiser.lr, config.hardware.num_workers) == (
+        "/raw/pairs",
+        0.5,
+        0,
+    )
+    with pytest.raises(ValueError, match="gan_mode must be one of"):
+        resolve_config({"gan_mode": "wgan"})

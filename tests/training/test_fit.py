@@ -65,13 +65,13 @@ def test_stage2_uses_the_trained_step1_network(fit_run: Path) -> None:
 def test_stage2_corrects_the_input_with_step1_as_context(fit_run: Path) -> None:
     """By default (--step2-residual input) its residual is channel 0, the input, with a zero head;
     --step2-residual step1 refines channel 1, the step-1 output."""
-    from fmc.training.config import FitConfig
+    from fmc.training.config import MethodConfig
     from fmc.training.module import network_config
 
     checkpoint = torch.load(fit_run / "step2/checkpoints/last.ckpt", weights_only=True)
     network = checkpoint["hyper_parameters"]["network"]
     assert network["in_channels"] == 2 and network["residual_channel"] == 0 and network["zero_head"]
-    assert network_config(FitConfig(step2_residual="step1"), 2).residual_channel == 1
+    assert network_config(MethodConfig(step2_residual="step1"), 2).residual_channel == 1
 
 
 def test_resume_continues_from_the_saved_step(sim_cache: Path, split_csv: Path, tmp_path: Path) -> None:

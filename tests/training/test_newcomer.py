@@ -40,7 +40,7 @@ def test_a_small_dev_shm_lowers_the_workers_with_a_warning_that_says_what_to_add
 ) -> None:
     _small_shm(monkeypatch, tmp_path)
     with caplog.at_level(logging.WARNING):
-        assert fit.check_shared_memory(FitConfig(num_workers=2)) == 0
+        assert fit.check_shared_memory(FitConfig.from_dict({"num_workers": 2})) == 0
     text = caplog.text
     assert "64 MiB free" in text and "--num-workers 0" in text
     assert "--ipc=host" in text and "--shm-size=" in text
@@ -48,8 +48,8 @@ def test_a_small_dev_shm_lowers_the_workers_with_a_warning_that_says_what_to_add
 
 def test_enough_dev_shm_keeps_the_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _small_shm(monkeypatch, tmp_path, free=8 * 2**30)
-    assert fit.check_shared_memory(FitConfig(num_workers=2)) == 2
-    assert fit.check_shared_memory(FitConfig(num_workers=0)) == 0
+    assert fit.check_shared_memory(FitConfig.from_dict({"num_workers": 2})) == 2
+    assert fit.check_shared_memory(FitConfig.from_dict({"num_workers": 0})) == 0
 
 
 def test_fit_under_a_small_dev_shm_runs_with_no_workers(
@@ -127,14 +127,16 @@ def test_export_writes_files_another_user_can_read(fit_run: Path) -> None:
 
 def test_gpu_sized_settings_on_a_cpu_warn_with_the_time_per_step(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        estimates = fit.warn_cpu_sized(FitConfig(accelerator="cpu"))
+        estimates = fit.warn_cpu_sized(FitConfig.from_dict({"accelerator": "cpu"}))
     assert estimates[1] > fit.CPU_SLOW_STEP_SECONDS
     assert "s per step" in caplog.text and "Training on a CPU" in caplog.text
     assert "--global-size 64" in caplog.text
 
 
 def test_the_cpu_recipe_gets_no_warning(caplog: pytest.LogCaptureFixture) -> None:
-    recipe = FitConfig(accelerator="cpu", preset="small", global_size=64, patch=48, batch=2)
+    recipe = FitConfig.from_dict(
+        {"accelerator": "cpu", "preset": "small", "global_size": 64, "patch": 48, "batch": 2}
+    )
     with caplog.at_level(logging.WARNING):
         estimates = fit.warn_cpu_sized(recipe)
     assert max(estimates.values()) < fit.CPU_SLOW_STEP_SECONDS
