@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random two-step weights written through fmc.weights (plumbing tests only)."""
+"""Shared fixtures: tiny random two-step weights written through fmc.weights (plumbing tests only),
+and the small volumes and warning capture of the fmc.io tests."""
 
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,3 +39,21 @@ def write_tiny_weights(
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
+
+
+IO_SHAPE = (8, 16, 16)
+IO_SPACING = (1.0, 0.195, 0.39)  # z, y, x: x != y so a swapped axis shows
+
+
+def random_volume(shape: tuple[int, ...] = IO_SHAPE, dtype: type = np.uint16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(100, 4000, size=shape).astype(dtype)
+
+
+def fmc_io_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings fmc.io logged in this test (each names the file and the fault)."""
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "fmc.io"]
+
+
+@pytest.fixture
+def capture_fmc_io_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fmc.io")
