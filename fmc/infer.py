@@ -24,6 +24,7 @@ import torch
 
 from fmc.acceleration import COMPILE_MODES, PRECISIONS, KernelOptions
 from fmc.atomic import atomic_write, remove_stale_partials
+from fmc.cli_help import DefaultsHelpFormatter
 from fmc.device import select_device
 from fmc.io import (
     CaseError,
@@ -426,16 +427,6 @@ def _write_preview(
 
     image = Image.fromarray(preview_image(input_projection, fused, spacing))
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` only where the help does not already say what the default is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if action.default is None or "default" in text.lower():
-            return text
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fmc import infer
 from fmc.baselines import baseline_prediction, sigma_of_models
+from fmc.cli_help import DefaultsHelpFormatter
 from fmc.io import read_case
 from fmc.metrics import n_ssim
 from fmc.simulate import make_sample_case
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fmc.sample",
         description="Simulate the bundled sample case, run inference.py on it and score it (N_SSIM).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--workdir", type=Path, default=Path("sample"), help="where input/ and output/ go")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")

@@ -45,6 +45,7 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.spatial import cKDTree
 
+from fmc.cli_help import DefaultsHelpFormatter
 from fmc.method import CHANNELS
 from fmc.normalization import clip_to_uint16
 
@@ -809,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
             "and write them as image_{N}_{channel}_{angle|fused}.tif with study-like metadata, plus a "
             "maximum-intensity-projection PNG (input | target) and the parameters as JSON per pair."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--n", type=int, default=8, help="number of pairs")

@@ -39,6 +39,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from fmc.cli_help import DefaultsHelpFormatter
+
 log = logging.getLogger(__name__)
 
 Vec3 = tuple[float, float, float]
@@ -410,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fmc.simulate_heldout",
         description="Write single-view / fused pairs from the held-out forward-model family (never "
         "train on them): image_{N}_{channel}_{angle|fused}.tif plus the parameters as JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--n", type=int, default=8, help="number of pairs")

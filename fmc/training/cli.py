@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from fmc.cli_help import DefaultsHelpFormatter
 from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DW_FORMS
 from fmc.training.config import ABLATIONS, FitConfig, resolve_config
 
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="logging level")
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
 
     prep = sub.add_parser(
         "prepare",
