@@ -11,6 +11,20 @@ import torch
 from fmc.network import RUNet, preset
 from fmc.weights import ModelCard, save_model
 
+#: inference.py flags for a seconds-long CPU run on the tiny test weights (no time planning).
+FAST_INFERENCE_FLAGS = [
+    "--device",
+    "cpu",
+    "--patch",
+    "16",
+    "--overlap",
+    "0.25",
+    "--global-size",
+    "32",
+    "--budget-seconds",
+    "0",
+]
+
 
 def write_tiny_weights(
     root: Path, global_size: int = 32, pipeline: dict | None = None, step2_channels: int = 2

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import FAST_INFERENCE_FLAGS
 
 from fmc import infer
 from fmc.acceleration import KernelOptions
@@ -24,18 +25,6 @@ from fmc.safeguards import SAFE_KERNELS
 from fmc.simulated_tiff import write_volume
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = [
-    "--device",
-    "cpu",
-    "--patch",
-    "16",
-    "--overlap",
-    "0.25",
-    "--global-size",
-    "32",
-    "--budget-seconds",
-    "0",
-]
 
 
 @pytest.fixture
@@ -67,7 +56,16 @@ def _write_good_cases(folder: Path) -> list[str]:
 
 def _run(input_dir: Path, output_dir: Path, weights: Path, *extra: str) -> int:
     return main(
-        ["--input", str(input_dir), "--output", str(output_dir), "--weights", str(weights), *FAST, *extra]
+        [
+            "--input",
+            str(input_dir),
+            "--output",
+            str(output_dir),
+            "--weights",
+            str(weights),
+            *FAST_INFERENCE_FLAGS,
+            *extra,
+        ]
     )
 
 
@@ -75,7 +73,7 @@ def test_the_run_report_carries_stages_memory_planner_device_and_kernels(tmp_pat
     names = _write_good_cases(tmp_path / "in")
     (tmp_path / "in" / "broken_nucleus_angle.tif").write_bytes(b"not a tiff")
     report_file = tmp_path / "report.json"
-    # a budget (the last FAST flag wins) so the planner runs and says what it chose
+    # a budget (the last FAST_INFERENCE_FLAGS flag wins) so the planner runs and says what it chose
     assert (
         _run(
             tmp_path / "in",
@@ -177,7 +175,7 @@ def test_missing_weights_fail_with_instructions_and_no_output(tmp_path, monkeypa
     _write_good_cases(tmp_path / "in")
     monkeypatch.setenv("FMC_MODEL_DIR", str(tmp_path / "nothing_here"))
     monkeypatch.setattr("fmc.weights.weight_roots", lambda explicit: [tmp_path / "nothing_here"])
-    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *FAST])
+    code = main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), *FAST_INFERENCE_FLAGS])
     assert code != 0
     assert "train.py" in caplog.text
     assert not any((tmp_path / "out").iterdir())
@@ -297,7 +295,7 @@ def test_freeing_memory_after_a_sticky_cuda_error_does_not_raise(monkeypatch, ca
 )
 def test_cpu_and_gpu_paths_agree(tmp_path, weights):
     _write_good_cases(tmp_path / "in")
-    base = ["--input", str(tmp_path / "in"), "--weights", str(weights), *FAST[2:]]
+    base = ["--input", str(tmp_path / "in"), "--weights", str(weights), *FAST_INFERENCE_FLAGS[2:]]
     assert main([*base, "--output", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
     assert main([*base, "--output", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
     for fused in (tmp_path / "cpu").iterdir():

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import FAST_INFERENCE_FLAGS
 
 from fmc import infer
 from fmc.infer import build_parser, explicit_weights_problem, main, preview_image
@@ -30,24 +31,21 @@ from fmc.pipeline import FusionPipeline
 from fmc.simulated_tiff import write_volume
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = [
-    "--device",
-    "cpu",
-    "--patch",
-    "16",
-    "--overlap",
-    "0.25",
-    "--global-size",
-    "32",
-    "--budget-seconds",
-    "0",
-]
 NOBODY = 65534
 
 
 def _run(input_dir: Path, output_dir: Path, weights: Path, *extra: str) -> int:
     return main(
-        ["--input", str(input_dir), "--output", str(output_dir), "--weights", str(weights), *FAST, *extra]
+        [
+            "--input",
+            str(input_dir),
+            "--output",
+            str(output_dir),
+            "--weights",
+            str(weights),
+            *FAST_INFERENCE_FLAGS,
+            *extra,
+        ]
     )
 
 
@@ -240,7 +238,15 @@ def test_a_read_only_output_folder_stops_before_fusing_with_one_line(shared_dir,
     out.mkdir(mode=0o555)
     out.chmod(0o555)
     weights = _readable_copy(tiny_weights, shared_dir)
-    args = ["--input", str(shared_dir / "in"), "--output", str(out), "--weights", str(weights), *FAST]
+    args = [
+        "--input",
+        str(shared_dir / "in"),
+        "--output",
+        str(out),
+        "--weights",
+        str(weights),
+        *FAST_INFERENCE_FLAGS,
+    ]
     code, err = _finish(_inference(args, prefix))
     assert code == 1, err
     assert f"cannot write {out}: the folder is not writable (Permission denied)" in err, err
@@ -301,7 +307,15 @@ def test_an_output_folder_under_a_read_only_parent_gives_one_line(shared_dir, ti
     parent.chmod(0o555)
     out = parent / "out"
     weights = _readable_copy(tiny_weights, shared_dir)
-    args = ["--input", str(shared_dir / "in"), "--output", str(out), "--weights", str(weights), *FAST]
+    args = [
+        "--input",
+        str(shared_dir / "in"),
+        "--output",
+        str(out),
+        "--weights",
+        str(weights),
+        *FAST_INFERENCE_FLAGS,
+    ]
     code, err = _finish(_inference(args, prefix))
     assert code == 1, err
     assert f"cannot write {out}: cannot create the folder (Permission denied)" in err, err
@@ -349,7 +363,7 @@ def _kill_while_writing(out: Path, process: subprocess.Popen, sig: int, timeout:
 def _slow_write_args(tmp_path: Path, weights: Path) -> list[str]:
     return [
         "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights", str(weights),
-        *FAST, "--no-step2", "--no-dw",
+        *FAST_INFERENCE_FLAGS, "--no-step2", "--no-dw",
     ]  # fmt: skip
 
 
