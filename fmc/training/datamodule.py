@@ -154,6 +154,13 @@ class FusionDataModule(L.LightningDataModule):
                 "the split leaves no training case: lower --val-fraction or change --val-studies"
             )
         self.val_cases = pick_validation(all_val, self.config.validation.val_max_cases)
+        if not self.val_cases:
+            log.warning(
+                "stage %d: the split leaves no validation case (--val-fraction 0, or fewer than two image "
+                "ids per set of channels): no checkpoint is chosen by N_SSIM and export takes the last "
+                "step; add pairs, or give --val-min-id, --val-studies or --split-csv",
+                self.stage,
+            )
         log.info(
             "stage %d: %d training case(s), %d validation case(s) (of %d); split %s",
             self.stage,

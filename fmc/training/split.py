@@ -41,7 +41,8 @@ def make_split(
     Otherwise ids are grouped by their stratum (study, channels the id has; an id with
     both channels forms a "membrane+nucleus" stratum), shuffled with ``seed``, and
     ``round(val_fraction * n)`` ids per stratum go to val (at least one when the stratum
-    has two or more ids, none when it has one).
+    has two or more ids). Strata of one id are pooled by their channels and split as one
+    stratum: simulated pairs draw a study each, and would otherwise never validate.
     """
     if val_min_id > 0:  # a held-out family beside the training pairs: its ids validate
         return [
@@ -62,10 +63,16 @@ def make_split(
     strata: dict[tuple[str, str], list[int]] = defaultdict(list)
     for image_id in sorted(channels):
         strata[(studies[image_id], "+".join(sorted(channels[image_id])))].append(image_id)
+    pooled: dict[str, list[int]] = defaultdict(list)  # channels -> ids of one-id strata
+    for (_, channel_set), ids in sorted(strata.items()):
+        if len(ids) == 1:
+            pooled[channel_set] += ids
+    groups = [strata[key] for key in sorted(strata) if len(strata[key]) > 1]
+    groups += [pooled[key] for key in sorted(pooled)]
     rng = np.random.default_rng(seed)
     val_ids: set[int] = set()
-    for key in sorted(strata):
-        ids = sorted(strata[key])
+    for group in groups:
+        ids = sorted(group)
         if len(ids) < 2 or val_fraction <= 0:
             continue
         count = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))

@@ -21,7 +21,7 @@ def test_split_is_four_to_one_within_every_stratum() -> None:
     val = Counter((r.study, r.channel) for r in rows if r.subset == "val")
     assert val == {(1, "nucleus"): 2, (1, "membrane"): 1, (2, "nucleus"): 4}
     lonely = next(r for r in rows if r.image_id == 500)
-    assert lonely.subset == "train"  # a stratum of one id cannot give a validation case
+    assert lonely.subset == "train"  # the only one-id stratum: its pool of one cannot validate
     assert len(rows) == len(_cases())
 
 
@@ -57,3 +57,19 @@ def test_split_csv_round_trip(tmp_path) -> None:
     assert read_split(tmp_path / "split.csv") == rows
     summary = split_summary(rows)
     assert summary["val"]["study2/nucleus"] == 4
+
+
+def test_one_id_strata_are_pooled_so_simulated_pairs_validate() -> None:
+    """Every id in a study of its own (as fmc.simulate draws them): the pool of 10 gives 2 ids."""
+    cases = [(f"image_{i}_{ch}", i, ch, i) for i in range(10) for ch in ("nucleus", "membrane")]
+    rows = make_split(cases, val_fraction=0.2, seed=0)
+    val_ids = {r.image_id for r in rows if r.subset == "val"}
+    assert len(val_ids) == 2
+    assert all(r.subset == ("val" if r.image_id in val_ids else "train") for r in rows)
+    # strata of two or more ids keep the ids the split gave them before one-id strata were pooled
+    # (computed with that code: [5, 9, 14, 102, 103, 105, 117]); the pool of four adds one id
+    lonely = [(f"image_{i}_nucleus", i, "nucleus", 4 + i) for i in range(600, 603)]
+    rows = make_split(_cases() + lonely, val_fraction=0.2, seed=3)
+    val_ids = {r.image_id for r in rows if r.subset == "val"}
+    assert val_ids - {500, 600, 601, 602} == {5, 9, 14, 102, 103, 105, 117}
+    assert len(val_ids & {500, 600, 601, 602}) == 1
