@@ -618,7 +618,9 @@ def part_training(settings: Settings, report: PartReport) -> bool:
             "seconds_in_fit": round(seconds, 3),
             "max_steps": steps,
             "throughput": throughput,
-            "samples_per_s": None if throughput is None else round(throughput["samples_per_s"], 3),
+            "samples_per_s": None
+            if throughput is None or throughput["samples_per_s"] is None
+            else round(throughput["samples_per_s"], 3),
             "global_step": rows[0]["global_step"] if rows else None,
             "best_val_n_ssim": rows[0]["best_score"] if rows else None,
             "validation_ran": _validation_ran(stage_dir),

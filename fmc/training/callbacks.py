@@ -12,10 +12,12 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class Throughput(L.Callback):
-    """Samples per second over all ranks, measured batch end to batch end (data loading included).
+    """Samples per second over all ranks, measured batch end to batch end (data loading included);
+    an epoch's first batch is timed from the epoch's start.
 
-    The first ``skip`` batches are left out (worker start, cuDNN autotuning). The summary goes
-    to ``<path>`` as JSON at the end of training.
+    The first ``skip`` batches of the run are left out (worker start, cuDNN autotuning). The
+    summary goes to ``<path>`` as JSON at the end of training (``samples_per_s`` null when no
+    batch was timed).
     """
 
     def __init__(self, path: Path, skip: int = 1) -> None:
@@ -44,10 +46,12 @@ class Throughput(L.Callback):
         self._last = now
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = None  # the gap across validation / epoch boundaries is not training time
+        # the gap across validation / epoch boundaries is not training time, but an epoch's first
+        # batch is: without it, runs of one-batch epochs would never be timed
+        self._last = time.perf_counter()
 
-    def summary(self) -> dict[str, float]:
-        rate = self._samples / self._seconds if self._seconds > 0 else float("nan")
+    def summary(self) -> dict[str, float | None]:
+        rate = self._samples / self._seconds if self._seconds > 0 else None
         return {
             "samples": self._samples,
             "seconds": round(self._seconds, 3),

@@ -257,9 +257,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if rank_zero_only.rank == 0:
         for r in results:
             score = "n/a" if r.best_score is None else f"{r.best_score:.4f}"
-            rate = r.throughput.get("samples_per_s", float("nan"))
+            rate = r.throughput.get("samples_per_s")
+            speed = "n/a" if rate is None else f"{rate:.2f}"
             print(
-                f"stage {r.stage}: {r.global_step} steps, {rate:.2f} samples/s, best val/n_ssim {score}, "
+                f"stage {r.stage}: {r.global_step} steps, {speed} samples/s, best val/n_ssim {score}, "
                 f"best {r.best_checkpoint or '-'}, last {r.last_checkpoint or '-'}"
             )
         print(f"export with: python train.py export --ckpt {config.data.run_dir} --out model/")

@@ -59,7 +59,7 @@ class StageResult:
     last_checkpoint: str
     best_score: float | None
     global_step: int
-    throughput: dict[str, float]
+    throughput: dict[str, float | None]
 
 
 def stage_dir(config: FitConfig, stage: int) -> Path:
