@@ -197,12 +197,13 @@ def warn_cpu_sized(config: FitConfig) -> dict[int, float]:
 
 
 def build_strategy(config: FitConfig, devices: int) -> Any:
-    """DDP when more than one process; a GAN needs ``find_unused_parameters`` (D idles in G's backward)."""
-    if config.hardware.strategy != "auto":
-        return config.hardware.strategy
-    if devices * config.hardware.num_nodes > 1:
+    """DDP when more than one process (or ``--strategy ddp``); a GAN needs ``find_unused_parameters``
+    (D idles in G's backward). Any other ``--strategy`` goes to Lightning as given."""
+    strategy = config.hardware.strategy
+    several = devices * config.hardware.num_nodes > 1
+    if strategy == "ddp" or (strategy == "auto" and several):
         return DDPStrategy(find_unused_parameters=config.loss.beta > 0, timeout=DDP_TIMEOUT)
-    return "auto"
+    return strategy
 
 
 def build_loggers(config: FitConfig, stage: int) -> list[Logger]:

@@ -182,3 +182,20 @@ def test_resume_last_refuses_a_pickled_checkpoint(
     assert not marker.exists()
     pickle.loads(bad.read_bytes())  # the payload is live: a pickle load would have run it
     assert marker.exists()
+
+
+def test_an_explicit_ddp_strategy_still_finds_the_discriminator_unused() -> None:
+    """``--strategy ddp`` with a GAN needs find_unused_parameters as much as the automatic choice;
+    another named strategy goes to Lightning unchanged."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from fmc.training.config import FitConfig
+    from fmc.training.fit import build_strategy
+
+    for strategy, devices in (("ddp", 1), ("auto", 2)):
+        for beta in (0.01, 0.0):
+            chosen = build_strategy(FitConfig.from_dict({"strategy": strategy, "beta": beta}), devices)
+            assert isinstance(chosen, DDPStrategy)
+            assert chosen._ddp_kwargs.get("find_unused_parameters") is (beta > 0)
+    assert build_strategy(FitConfig.from_dict({"strategy": "ddp_spawn"}), 2) == "ddp_spawn"
+    assert build_strategy(FitConfig.from_dict({}), 1) == "auto"
