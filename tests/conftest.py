@@ -26,6 +26,12 @@ FAST_INFERENCE_FLAGS = [
 ]
 
 
+def inference_args(input_dir: Path, output_dir: Path, weights: Path, *extra: str) -> list[str]:
+    """inference.py's command line for one fast CPU run on ``weights``; ``extra`` flags win."""
+    paths = ["--input", str(input_dir), "--output", str(output_dir), "--weights", str(weights)]
+    return [*paths, *FAST_INFERENCE_FLAGS, *extra]
+
+
 def write_tiny_weights(
     root: Path, global_size: int = 32, pipeline: dict | None = None, step2_channels: int = 2
 ) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import FAST_INFERENCE_FLAGS
+from conftest import FAST_INFERENCE_FLAGS, inference_args
 
 from fmc import infer
 from fmc.acceleration import KernelOptions
@@ -55,18 +55,7 @@ def _write_good_cases(folder: Path) -> list[str]:
 
 
 def _run(input_dir: Path, output_dir: Path, weights: Path, *extra: str) -> int:
-    return main(
-        [
-            "--input",
-            str(input_dir),
-            "--output",
-            str(output_dir),
-            "--weights",
-            str(weights),
-            *FAST_INFERENCE_FLAGS,
-            *extra,
-        ]
-    )
+    return main(inference_args(input_dir, output_dir, weights, *extra))
 
 
 def test_the_run_report_carries_stages_memory_planner_device_and_kernels(tmp_path, weights):

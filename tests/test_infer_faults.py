@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import FAST_INFERENCE_FLAGS
+from conftest import FAST_INFERENCE_FLAGS, inference_args
 
 from fmc import infer
 from fmc.infer import build_parser, explicit_weights_problem, main, preview_image
@@ -35,18 +35,7 @@ NOBODY = 65534
 
 
 def _run(input_dir: Path, output_dir: Path, weights: Path, *extra: str) -> int:
-    return main(
-        [
-            "--input",
-            str(input_dir),
-            "--output",
-            str(output_dir),
-            "--weights",
-            str(weights),
-            *FAST_INFERENCE_FLAGS,
-            *extra,
-        ]
-    )
+    return main(inference_args(input_dir, output_dir, weights, *extra))
 
 
 def _case(folder: Path, name: str = "image_1_nucleus_angle.tif", shape=(12, 40, 40), **kwargs) -> Path:
@@ -238,15 +227,7 @@ def test_a_read_only_output_folder_stops_before_fusing_with_one_line(shared_dir,
     out.mkdir(mode=0o555)
     out.chmod(0o555)
     weights = _readable_copy(tiny_weights, shared_dir)
-    args = [
-        "--input",
-        str(shared_dir / "in"),
-        "--output",
-        str(out),
-        "--weights",
-        str(weights),
-        *FAST_INFERENCE_FLAGS,
-    ]
+    args = inference_args(shared_dir / "in", out, weights)
     code, err = _finish(_inference(args, prefix))
     assert code == 1, err
     assert f"cannot write {out}: the folder is not writable (Permission denied)" in err, err
@@ -307,15 +288,7 @@ def test_an_output_folder_under_a_read_only_parent_gives_one_line(shared_dir, ti
     parent.chmod(0o555)
     out = parent / "out"
     weights = _readable_copy(tiny_weights, shared_dir)
-    args = [
-        "--input",
-        str(shared_dir / "in"),
-        "--output",
-        str(out),
-        "--weights",
-        str(weights),
-        *FAST_INFERENCE_FLAGS,
-    ]
+    args = inference_args(shared_dir / "in", out, weights)
     code, err = _finish(_inference(args, prefix))
     assert code == 1, err
     assert f"cannot write {out}: cannot create the folder (Permission denied)" in err, err
