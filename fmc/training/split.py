@@ -42,7 +42,8 @@ def make_split(
     both channels forms a "membrane+nucleus" stratum), shuffled with ``seed``, and
     ``round(val_fraction * n)`` ids per stratum go to val (at least one when the stratum
     has two or more ids). Strata of one id are pooled by their channels and split as one
-    stratum: simulated pairs draw a study each, and would otherwise never validate.
+    stratum: simulated pairs draw their study at random, so a small simulated set is mostly
+    such strata and would otherwise never validate.
     """
     if val_min_id > 0:  # a held-out family beside the training pairs: its ids validate
         return [
