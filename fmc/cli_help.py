@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+
+def default_goes_unsaid(default: Any, help_text: str) -> bool:
+    """True where ``(default: X)`` would say nothing: no default (None, an empty list), or a help
+    text that already says what happens when the flag is left out."""
+    empty = default is None or (isinstance(default, (list, tuple)) and not default)
+    return empty or "default" in help_text.lower()
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` only where the help does not already say what the default is.
+    """Shows ``(default: X)`` only where it tells something (see :func:`default_goes_unsaid`).
 
     Why: argparse's own formatter prints ``(default: None)`` after required flags and after
     flags whose help explains what happens when they are left out."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default is None or action.required or "default" in text.lower():
+        if action.required or default_goes_unsaid(action.default, text):
             return text
         return super()._get_help_string(action)

@@ -22,10 +22,11 @@ def test_defaults_are_shown_once_and_never_as_none() -> None:
     parser.add_argument("--weights", default=None, help="model folder (default: discovery order)")
     parser.add_argument("--seed", type=int, default=None, help="seed")
     parser.add_argument("--n", type=int, default=3, help="pairs per channel")
+    parser.add_argument("--extra", nargs="*", default=[], help="more weights")
     text = _help_of(parser)
     assert "pairs per channel (default: 3)" in text
     assert "(default: discovery order)" in text and text.count("(default:") == 2
-    assert "None" not in text
+    assert "None" not in text and "[]" not in text
 
 
 @pytest.mark.parametrize(
@@ -39,10 +40,12 @@ def test_module_commands_print_no_none_default(command: list[str]) -> None:
     assert "(default: None)" not in result.stdout
 
 
-def test_train_py_subcommands_print_no_none_default() -> None:
+def test_train_py_subcommands_print_no_empty_default() -> None:
     from fmc.training.cli import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert {"prepare", "fit", "export", "evaluate", "table"} <= set(commands)
     for name, parser in commands.items():
-        assert "(default: None)" not in _help_of(parser), name
+        text = _help_of(parser)
+        assert "(default: None)" not in text and "(default: [])" not in text, name
+        assert "(default: ())" not in text, name

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from fmc.cli_help import DefaultsHelpFormatter
+from fmc.cli_help import DefaultsHelpFormatter, default_goes_unsaid
 from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DW_FORMS
 from fmc.training.config import ABLATIONS, FitConfig, resolve_config
 
@@ -47,8 +47,7 @@ def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
         default = defaults.value(flag)
         preset_note = " [set by --ablation]" if flag.name in preset_flags else ""
         described = flag.field.metadata["help"]
-        # a help text that says its own default (or a None default) gets no second "(default: ...)"
-        shown = "" if default is None or "default" in described.lower() else f" (default: {default})"
+        shown = "" if default_goes_unsaid(default, described) else f" (default: {default})"
         help_text = f"{described}{shown}{preset_note}"
         kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": flag.name}
         if "choices" in flag.field.metadata:
