@@ -14,6 +14,7 @@ and runs from any version load by key).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import typing
@@ -256,6 +257,7 @@ class Flag:
 
     name: str  # the flat name: CLI dest, config.json / checkpoint key
     group: str  # the FitConfig attribute holding it
+    group_type: type  # that group's dataclass
     field: dataclasses.Field
     hint: Any  # its resolved type
 
@@ -277,23 +279,27 @@ class FitConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a stored dict this version does not know
 
     @classmethod
-    def flags(cls) -> list[Flag]:
-        """Every setting as a flag, group by group, in the order ``fit --help`` and stored dicts list them."""
+    @functools.cache
+    def flags(cls) -> tuple[Flag, ...]:
+        """Every setting as a flag, group by group, in the order ``fit --help`` and stored dicts list
+        them (resolved once: every to_dict / from_dict / validate reads it)."""
         groups = typing.get_type_hints(cls)
         found = []
         for group in dataclasses.fields(cls):
             if group.name == "extra":
                 continue
-            hints = typing.get_type_hints(groups[group.name])
-            for item in dataclasses.fields(groups[group.name]):
+            group_type = groups[group.name]
+            hints = typing.get_type_hints(group_type)
+            for item in dataclasses.fields(group_type):
                 name = item.metadata.get("flag", item.name)
-                found.append(Flag(name, group.name, item, hints[item.name]))
-        return found
+                found.append(Flag(name, group.name, group_type, item, hints[item.name]))
+        return tuple(found)
 
     @classmethod
     def group_description(cls, group: str) -> str:
         """The group's one-line docstring (the heading text of its flags in ``fit --help``)."""
-        return inspect.getdoc(typing.get_type_hints(cls)[group]) or ""
+        group_type = next(flag.group_type for flag in cls.flags() if flag.group == group)
+        return inspect.getdoc(group_type) or ""
 
     def value(self, flag: Flag) -> Any:
         """The current value of one setting."""
@@ -358,8 +364,8 @@ class FitConfig:
             grouped.setdefault(flag.group, {})[flag.field.name] = (
                 tuple(value) if isinstance(value, list) else value
             )
-        hints = typing.get_type_hints(cls)
-        groups = {name: hints[name](**values) for name, values in grouped.items()}
+        group_types = {flag.group: flag.group_type for flag in cls.flags()}
+        groups = {name: group_types[name](**values) for name, values in grouped.items()}
         return cls(**groups, extra=extra)
 
     def write(self, path: Path) -> None:
