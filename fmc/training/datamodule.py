@@ -16,11 +16,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from fmc.network import RUNet
-from fmc.training.cache import CachedCase, load_manifest
+from fmc.training.cache import CachedCase, Manifest, load_manifest
 from fmc.training.config import FitConfig
 from fmc.training.data import GlobalDataset, JointDataset, PatchDataset, ValidationCases, first_item
 from fmc.training.pipeline_config import pipeline_config_of
-from fmc.training.sources import ensure_cache
+from fmc.training.sources import ensure_cache, load_matching_manifest
 from fmc.training.split import SplitRow, make_split, read_split, split_summary, write_split
 from fmc.training.step1_outputs import compute_step1_outputs
 
@@ -106,7 +106,7 @@ class FusionDataModule(L.LightningDataModule):
         cache = ensure_cache(self.config, workers=self.prepare_workers)
         if self.stage == 2 and self.step1_network is not None and not self.config.method.joint:
             assert self.step1_dir is not None and self.step1_network_config is not None
-            train, _, _ = self._split(cache)
+            train, _, _ = self._split(load_manifest(cache))
             device = self.trainer.strategy.root_device if self.trainer is not None else None
             precision = str(self.trainer.precision) if self.trainer is not None else ""
             device = device or self.step1_network_device()
@@ -124,8 +124,7 @@ class FusionDataModule(L.LightningDataModule):
         assert self.step1_network is not None
         return next(self.step1_network.parameters()).device
 
-    def _split(self, cache: Path) -> tuple[list[CachedCase], list[CachedCase], list[SplitRow]]:
-        manifest = load_manifest(cache)
+    def _split(self, manifest: Manifest) -> tuple[list[CachedCase], list[CachedCase], list[SplitRow]]:
         cases = [
             c
             for c in manifest.cases
@@ -133,7 +132,8 @@ class FusionDataModule(L.LightningDataModule):
         ]
         if not cases:
             raise ValueError(
-                f"no cached case matches channels {self.config.data.channels or 'any'} in {cache}"
+                f"no cached case matches channels {self.config.data.channels or 'any'} in "
+                f"{self.config.data.cache_dir()}"
             )
         rows = resolve_split(self.config, cases)
         subset = {r.case_id: r.subset for r in rows}
@@ -142,13 +142,7 @@ class FusionDataModule(L.LightningDataModule):
         return train, val, rows
 
     def setup(self, stage: str) -> None:
-        cache = self.config.data.cache_dir()
-        manifest = load_manifest(cache)
-        if manifest.global_size != self.config.method.global_size:
-            raise ValueError(
-                f"cache global size {manifest.global_size} != --global-size {self.config.method.global_size}"
-            )
-        self.train_cases, all_val, rows = self._split(cache)
+        self.train_cases, all_val, rows = self._split(load_matching_manifest(self.config))
         if not self.train_cases:
             raise ValueError(
                 "the split leaves no training case: lower --val-fraction or change --val-studies"

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fmc.training.cache import PrepareConfig, load_manifest, prepare_cache
+from fmc.training.cache import Manifest, PrepareConfig, load_manifest, prepare_cache
 from fmc.training.config import DataConfig, FitConfig
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,13 @@ def ensure_cache(config: FitConfig, *, workers: int = 1, device: str = "auto") -
                 progress=True,
             )
         )
+    load_matching_manifest(config)
+    return cache
+
+
+def load_matching_manifest(config: FitConfig) -> Manifest:
+    """The cache's manifest, refused when its global volumes are not ``--global-size`` cubes."""
+    cache = config.data.cache_dir()
     manifest = load_manifest(cache)
     wanted = config.method.global_size
     if manifest.global_size != wanted:
@@ -77,7 +84,7 @@ def ensure_cache(config: FitConfig, *, workers: int = 1, device: str = "auto") -
             f"the cache {cache} holds {manifest.global_size}^3 global volumes but --global-size is "
             f"{wanted}: prepare again with --global-size {wanted} or change the flag"
         )
-    return cache
+    return manifest
 
 
 def data_description(data: DataConfig) -> dict[str, Any]:
