@@ -612,15 +612,14 @@ def part_training(settings: Settings, report: PartReport) -> bool:
             json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
         )
         rows = [s for s in summary.get("stages", []) if s.get("stage") == stage]
+        rate = (throughput or {}).get("samples_per_s")  # null when no batch was timed
         stages[f"step{stage}"] = {
             "exit_code": code,
             "argv": shlex.join(["fit", *common, *extra]),
             "seconds_in_fit": round(seconds, 3),
             "max_steps": steps,
             "throughput": throughput,
-            "samples_per_s": None
-            if throughput is None or throughput["samples_per_s"] is None
-            else round(throughput["samples_per_s"], 3),
+            "samples_per_s": None if rate is None else round(rate, 3),
             "global_step": rows[0]["global_step"] if rows else None,
             "best_val_n_ssim": rows[0]["best_score"] if rows else None,
             "validation_ran": _validation_ran(stage_dir),
