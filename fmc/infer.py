@@ -298,7 +298,12 @@ def _fuse_one(
     meta = case.meta
     key = (meta.channel, meta.study, attempt)
     if key not in pipelines:
-        models: ModelSet = discover_models(options.weights, meta.channel, meta.study, device=device)
+        # A step left out by --no-stepN has its card checked, its tensors not read.
+        steps = {"step1": options.pipeline.step1, "step2": options.pipeline.step2}
+        skip = [step for step, wanted in steps.items() if not wanted]
+        models: ModelSet = discover_models(
+            options.weights, meta.channel, meta.study, device=device, skip=skip
+        )
         _check_explicit_choice(options.weights, models, meta.channel, meta.study)
         config = replace(options.pipeline, kernels=attempt.kernels)
         if options.patch is None:  # the patch the model was trained and validated with

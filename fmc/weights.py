@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,7 @@ class ModelCard:
 
 @dataclass
 class LoadedModel:
-    network: RUNet
+    network: RUNet | None  # None: the step is skipped, so only its card was read and checked
     card: ModelCard
     path: Path  # the .safetensors file
 
@@ -182,10 +183,12 @@ def read_card(path: Path) -> ModelCard:
     return card
 
 
-def load_model(path_stem: Path, device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(path_stem: Path, device: torch.device | str = "cpu", *, tensors: bool = True) -> LoadedModel:
     """Load ``<stem>.safetensors`` + ``<stem>.json`` into an eval-mode RUNet on ``device``.
 
     Never unpickles: a pickle path, or a stem for which only a pickle file exists, is refused.
+    ``tensors=False`` (a skipped step) reads and checks the card only, never opening the weights
+    file, so a run that does not need the step cannot fail on it.
     """
     given = Path(path_stem)
     if given.suffix in PICKLE_SUFFIXES:
@@ -199,13 +202,16 @@ def load_model(path_stem: Path, device: torch.device | str = "cpu") -> LoadedMod
         raise WeightsNotFoundError(f"{weights}: no such model file. {HOW_TO_GET_WEIGHTS}")
     if not card_path.is_file():
         raise WeightsError(f"{card_path}: model card missing next to {weights.name}")
-    if _looks_like_pickle(weights):
+    if tensors and _looks_like_pickle(weights):
         raise _pickle_refusal(weights)
     card = read_card(card_path)
     try:
         config = RUNetConfig.from_dict(card.config)
     except (TypeError, ValueError) as error:
         raise WeightsError(f"{card_path}: invalid network config: {error}") from error
+    if not tensors:
+        log.info("step-%d model %s skipped: its card was checked, its tensors not read", card.step, weights)
+        return LoadedModel(network=None, card=card, path=weights)
     try:
         tensors = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
@@ -303,9 +309,16 @@ def _choose_folder(root: Path, channel: str, study: int | None) -> tuple[Path, s
 
 
 def discover_models(
-    explicit: Path | None, channel: str, study: int | None, device: torch.device | str = "cpu"
+    explicit: Path | None,
+    channel: str,
+    study: int | None,
+    device: torch.device | str = "cpu",
+    skip: Collection[str] = (),
 ) -> ModelSet:
-    """Find and load the step-1/step-2 models for a case of ``channel`` (and ``study``, when known)."""
+    """Find and load the step-1/step-2 models for a case of ``channel`` (and ``study``, when known).
+
+    Steps named in ``skip`` (``"step1"``, ``"step2"``) get their card read and checked, not their tensors.
+    """
     if explicit is not None and not Path(explicit).is_dir():
         raise WeightsNotFoundError(
             f"--weights {explicit}: no such folder. {HOW_TO_GET_WEIGHTS}"
@@ -325,7 +338,7 @@ def discover_models(
         folder, why = chosen
         log.info("using models in %s: %s", folder, why)
         steps = _steps_in(folder)
-        loaded = {step: load_model(folder / step, device) for step in steps}
+        loaded = {step: load_model(folder / step, device, tensors=step not in skip) for step in steps}
         for step, model in loaded.items():
             if f"step{model.card.step}" != step:
                 raise WeightsError(f"{model.path}: its card says step {model.card.step}, its name {step}")
