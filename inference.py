@@ -2,7 +2,23 @@
 
 import sys
 
-from fmc.infer import main
+from fmc.signals import Interrupted, ignore_signals, install_signal_handlers, report_interrupted
+
+
+def run() -> int:
+    """Stop signals are handled before torch is imported, and ignored once the run is over: a
+    signal at any moment is one line and exit 128 + N, never a traceback."""
+    install_signal_handlers()
+    try:
+        try:
+            from fmc.infer import main
+
+            return main()
+        finally:
+            ignore_signals()  # nothing may print after the run: a late signal is not a traceback in atexit
+    except Interrupted as stop:
+        return report_interrupted(stop)
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -32,19 +31,27 @@ from fmc.io import (
     check_output_target,
     check_writable_folder,
     fit_uint16_range,
-    list_cases,
     read_case,
     write_prediction,
 )
 from fmc.method import DEFAULT_PATCH, DW_FORMS, MethodSettings
 from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
+from fmc.preflight import (
+    PreflightError,
+    check_output_outside_input,
+    list_inputs,
+    prepare_side_file,
+    preview_paths,
+    side_file_problem,
+)
 from fmc.safeguards import (
     DEFAULT_BUDGET_SECONDS,
     SAFETY_MARGIN_SECONDS,
     Attempt,
     fallback_attempts,
 )
+from fmc.signals import Interrupted, install_signal_handlers, restore_signal_handlers
 from fmc.tiling import TilingConfig
 from fmc.weights import (
     CARD_SUFFIX,
@@ -76,34 +83,12 @@ class InferenceOptions:
     patch: int | None = None  # None: the model card's training patch, else DEFAULT_PATCH
     budget_seconds: float | None = DEFAULT_BUDGET_SECONDS - SAFETY_MARGIN_SECONDS
     gpu_memory_gib: float | None = None
+    report: Path | None = None  # --report FILE: checked before fusing, written by main
+    allow_output_in_input: bool = False  # --allow-output-in-input: outputs may replace the inputs
 
 
 class FusionFailedError(Exception):
     """Every attempt at one case failed; carries the last failure's one-line reason."""
-
-
-class Interrupted(BaseException):
-    """SIGTERM (``docker stop``) or SIGINT: a BaseException, so no retry handler swallows it on its way out.
-
-    On its way it passes :func:`fmc.atomic.atomic_write`, which removes the hidden temporary.
-    """
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(signal.Signals(signum).name)
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
-
-
-def install_signal_handlers() -> None:
-    """Turn SIGTERM and SIGINT into :class:`Interrupted` (main thread only; elsewhere a no-op)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            signal.signal(sig, _raise_interrupted)
-        except ValueError:  # not the main thread (an embedding program): leave its handlers alone
-            return
 
 
 MODEL_SUBFOLDERS = ("any", "nucleus", "membrane")
@@ -180,7 +165,11 @@ def cap_gpu_memory(device: torch.device, gib: float | None) -> None:
 
 def run_inference(options: InferenceOptions) -> list[CaseResult]:
     """Fuse every case of ``options.input`` into ``options.output``; returns one result per input file."""
-    cases = list_cases(options.input, include_unreadable=True) if options.input.is_dir() else []
+    try:
+        cases = list_inputs(options.input)
+    except PreflightError as error:
+        log.error("%s", error)
+        return []
     if not cases:
         log.error("no .tif/.tiff files in %s: nothing to fuse", options.input)
         return []
@@ -193,17 +182,11 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
             ", ".join(targets[:3]),
             ", ..." if len(targets) > 3 else "",
         )
-    # Fail before any fusing: a folder that cannot take the outputs, or a named model folder without one.
-    problem = None
-    try:
-        check_writable_folder(options.output)
-    except OutputError as error:
-        problem = str(error)
-    if problem is None and options.weights is not None:
-        problem = explicit_weights_problem(Path(options.weights))
+    problem = run_problem(options)
     if problem is not None:
         log.error("%s", problem)
         return [CaseResult(path.name, False, problem) for path in cases]
+    previews = usable_previews(cases, options.output) if options.preview else {}
     remove_stale_partials(options.output)
     device = select_device(options.device)
     cap_gpu_memory(device, options.gpu_memory_gib)
@@ -220,7 +203,7 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
             already_spent = 0.0  # only the first case pays for process start-up
         try:
             (message, figures), attempt_index = _fuse_with_fallbacks(
-                path, options, attempts, pipelines, deadline
+                path, options, attempts, pipelines, deadline, previews.get(path)
             )
             if attempt_index:  # later cases start with the attempt that worked, not with what broke
                 attempts = attempts[attempt_index:]
@@ -240,12 +223,43 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
     return results
 
 
+def run_problem(options: InferenceOptions) -> str | None:
+    """Why the run cannot start, checked before any fusing, or None: outputs that would land in the
+    input folder, a folder that cannot take them, a report path that cannot take the report, or a
+    named model folder without a model."""
+    try:
+        if not options.allow_output_in_input:
+            check_output_outside_input(options.input, options.output)
+        check_writable_folder(options.output)
+        if options.report is not None:
+            prepare_side_file(options.report, "--report")
+    except (PreflightError, OutputError) as error:
+        return str(error)
+    if options.weights is not None:
+        return explicit_weights_problem(Path(options.weights))
+    return None
+
+
+def usable_previews(cases: list[Path], output: Path) -> dict[Path, Path]:
+    """Each case's preview path, without those that something other than a file blocks (warned now,
+    before fusing: a preview is a side file, so its case still fuses and its TIFF stands)."""
+    previews = {}
+    for case, preview in preview_paths(cases, output).items():
+        problem = side_file_problem(preview)
+        if problem is None:
+            previews[case] = preview
+        else:
+            log.warning("%s: %s: no preview for %s (its TIFF is still written)", preview, problem, case.name)
+    return previews
+
+
 def _fuse_with_fallbacks(
     path: Path,
     options: InferenceOptions,
     attempts: list[Attempt],
     pipelines: dict[tuple[str, int | None, Attempt], FusionPipeline],
     deadline: float | None,
+    preview: Path | None = None,
 ) -> tuple[tuple[str, dict], int]:
     """Fuse one case, retrying unexpected failures with the next attempt; returns
     ((summary, figures), attempt index).
@@ -260,7 +274,7 @@ def _fuse_with_fallbacks(
         if index:
             log.warning("%s: retrying with %s", path.name, attempt.describe())
         try:
-            return _fuse_one(path, options, attempt, pipelines, deadline), index
+            return _fuse_one(path, options, attempt, pipelines, deadline, preview), index
         except (WeightsNotFoundError, WeightsError, CaseError, OutputError):
             raise
         except Exception as error:
@@ -288,8 +302,10 @@ def _fuse_one(
     attempt: Attempt,
     pipelines: dict[tuple[str, int | None, Attempt], FusionPipeline],
     deadline: float | None,
+    preview: Path | None = None,
 ) -> tuple[str, dict]:
-    """Read, fuse, write one case; returns its one-line summary (also logged) and its figures."""
+    """Read, fuse, write one case (and its ``preview`` when given); returns its one-line summary
+    (also logged) and its figures."""
     device = attempt.device
     target = options.output / path.name
     check_output_target(target)  # before minutes of fusing, not after
@@ -313,7 +329,7 @@ def _fuse_one(
             config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))
         pipelines[key] = FusionPipeline(models, config, device)
     pipeline = pipelines[key]
-    input_projection = mip_projections(case.volume) if options.preview else None
+    input_projection = mip_projections(case.volume) if preview is not None else None
     # A writeable uint16 input takes the prediction in place: one volume on the host, not two.
     reuse = case.volume.dtype == np.uint16 and case.volume.flags.writeable
     fused, timings = pipeline.run(
@@ -326,8 +342,8 @@ def _fuse_one(
         **timings,
         "write": round(time.perf_counter() - write_start, 3),
     }
-    if input_projection is not None:
-        _write_preview(options.output / f"{path.stem}_preview.png", input_projection, fused, meta.spacing)
+    if preview is not None and input_projection is not None:
+        _write_preview_safely(preview, input_projection, fused, meta.spacing)
     spacing = "x".join(f"{s:g}" for s in meta.spacing)
     steps = " ".join(f"{name}={seconds:.2f}s" for name, seconds in timings.items())
     summary = (
@@ -456,6 +472,28 @@ def default_weights_phrase() -> str:
     )
 
 
+def _write_preview_safely(
+    path: Path,
+    input_projection: tuple[np.ndarray, np.ndarray],
+    fused: np.ndarray,
+    spacing: tuple[float, float, float],
+) -> None:
+    """The preview, or one warning: a failed preview never fails its case nor has it fused again."""
+    problem = side_file_problem(path)
+    if problem is None:
+        try:
+            _write_preview(path, input_projection, fused, spacing)
+            return
+        except Exception as error:  # a side file: whatever broke it, the TIFF is already written
+            problem = _one_line(error)
+    log.warning("%s: cannot write the preview (%s); the case's TIFF stands", path, problem)
+
+
+def _one_line(error: BaseException) -> str:
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return " ".join((text or type(error).__name__).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The documented command line of inference.py."""
     parser = argparse.ArgumentParser(
@@ -473,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input", type=Path, default=PLATFORM_INPUT, help="folder of input TIFFs")
     parser.add_argument("--output", type=Path, default=PLATFORM_OUTPUT, help="folder for the fused TIFFs")
+    parser.add_argument(
+        "--allow-output-in-input",
+        action="store_true",
+        help="let --output be the input folder or inside it (same file names: outputs replace inputs)",
+    )
     parser.add_argument(
         "--weights",
         type=Path,
@@ -603,6 +646,8 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         patch=args.patch,
         budget_seconds=args.budget_seconds if args.budget_seconds > 0 else None,
         gpu_memory_gib=args.gpu_memory_gib,
+        report=args.report,
+        allow_output_in_input=args.allow_output_in_input,
     )
 
 
@@ -616,14 +661,39 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run inference.py; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    options = options_from_args(args)
-    start = time.perf_counter()
-    install_signal_handlers()
+    """Run inference.py; returns the process exit code.
+
+    The stop-signal handlers are installed first and put back at the end (an embedding program or a
+    test harness keeps its own); ``inference.py`` has installed them before the heavy imports.
+    """
+    previous = install_signal_handlers()
+    try:
+        args = build_parser().parse_args(argv)
+        configure_logging(args.log_level)
+        options = options_from_args(args)
+        return _run(options, time.perf_counter())
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _run(options: InferenceOptions, start: float) -> int:
+    """Fuse, summarize, write the report; a stop signal anywhere in it is one line and 128 + N."""
     try:
         results = run_inference(options)
+        failed = [r for r in results if not r.ok]
+        log.info(
+            "done: %d/%d case(s) fused in %.1fs",
+            len(results) - len(failed),
+            len(results),
+            time.perf_counter() - start,
+        )
+        for result in failed:
+            log.error("FAILED %s: %s", result.name, result.message)
+        report_problem = None
+        if options.report is not None:
+            report_problem = write_report(options.report, results, time.perf_counter() - start)
+            if report_problem is not None and all(r.message != report_problem for r in results):
+                log.error("%s", report_problem)
     except Interrupted as stop:
         log.error(
             "stopped by %s after %.1fs: the output being written was removed, finished outputs in %s are "
@@ -631,25 +701,16 @@ def main(argv: list[str] | None = None) -> int:
             stop,
             time.perf_counter() - start,
             options.output,
-            128 + stop.signum,
+            stop.exit_code,
         )
-        return 128 + stop.signum
-    failed = [r for r in results if not r.ok]
-    log.info(
-        "done: %d/%d case(s) fused in %.1fs",
-        len(results) - len(failed),
-        len(results),
-        time.perf_counter() - start,
-    )
-    for result in failed:
-        log.error("FAILED %s: %s", result.name, result.message)
-    if args.report is not None:
-        write_report(args.report, results, time.perf_counter() - start)
-    return 0 if results and not failed else 1
+        return stop.exit_code
+    return 0 if results and not failed and report_problem is None else 1
 
 
-def write_report(path: Path, results: list[CaseResult], seconds: float) -> None:
+def write_report(path: Path, results: list[CaseResult], seconds: float) -> str | None:
     """The machine-readable run report (``--report``): what benchmarks parse instead of the log.
+    Returns None, or the one line saying why it could not be written (naming the report, never
+    the temporary; only a regular file is ever replaced).
 
     Why here: the CUDA allocator's peaks can only be read inside this process."""
     cuda = torch.cuda.is_available()
@@ -662,4 +723,11 @@ def write_report(path: Path, results: list[CaseResult], seconds: float) -> None:
         "cases": [dataclasses.asdict(result) for result in results],
     }
     text = json.dumps(report, indent=1)
-    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    try:
+        prepare_side_file(path, "--report")
+        atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    except PreflightError as error:
+        return str(error)
+    except OSError as error:
+        return f"--report {path}: cannot write it: {_one_line(error)}"
+    return None
