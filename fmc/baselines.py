@@ -50,13 +50,13 @@ def resample_baseline(
     target_spacing: float = TARGET_SPACING_UM,
 ) -> np.ndarray:
     """To ``target_spacing`` isotropic and back with the pipeline's own steps; uint16 like its output."""
-    from fmc.pipeline import to_isotropic, to_native_uint16
+    from fmc.pipeline import round_trip_uint16, to_isotropic
 
     with torch.inference_mode():
         iso, bounds = to_isotropic(
             volume, tuple(float(s) for s in spacing), torch.device(device), target_spacing, _untimed, {}
         )
-        return to_native_uint16(iso, tuple(volume.shape), bounds)
+        return round_trip_uint16(iso, tuple(volume.shape), bounds)
 
 
 def gaussian_tuned(volume: np.ndarray, sigma: float) -> np.ndarray:

@@ -2,7 +2,10 @@
 
 Reads like the paper's Figure 1: normalize -> resample to 0.6 um -> step 1 (global
 224^3 context) -> step 2 (Hann-blended high-resolution patches over [input, step-1])
--> difference weighting, eq. (2) -> back to the original grid -> uint16.
+-> difference weighting, eq. (2) -> back to the original grid -> uint16. What goes back to the
+original grid is the change the networks made at 0.6 um, added to the native input (so the
+input's own detail finer than 0.6 um is kept, and networks that change nothing return the input
+to the last bit).
 Every step can be switched off (paper ablations, time planner). Heavy arrays stay on
 ``device`` from the first transfer to the final uint16 copy. Which DW form runs, and how
 step 1 reaches the output, are the model card's settings (:mod:`fmc.method`); flags override.
@@ -52,6 +55,8 @@ class PipelineConfig:
     difference_weighting: str | None = None  # "paper" | "released" | "none"; None: the card's
     max_filter: int | None = None  # the paper form's max filter; None: the card's
     step1_mode: str | None = None  # "output" | "correction"; None: the card's
+    native_detail: float | None = None  # share of the input's sub-0.6 um detail kept; None: the card's
+    change_strength: float | None = None  # the safeguard's scale of the change; None: the card's
     tta: bool = False
     global_size: int | None = None  # None: what the step-1 model was trained at (card)
     target_spacing: float = TARGET_SPACING_UM
@@ -94,6 +99,8 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
         "max_filter": config.max_filter,
         "global_size": config.global_size,
         "step1_mode": config.step1_mode,
+        "native_detail": config.native_detail,
+        "change_strength": config.change_strength,
     }
     stored = _stored_settings(models)
     sources = {
@@ -264,9 +271,8 @@ class FusionPipeline:
                 timings["resample_in"], volume.nbytes, self.settings.difference_weighting != "none"
             )
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
-            del iso
             with self._timed(timings, "resample_out", dev):
-                result = to_native_uint16(prediction, tuple(volume.shape), bounds, out)
+                result = add_change_on_native_grid(volume, iso, prediction, bounds, self.settings, out)
         return result, timings
 
     def run_each_dw(
@@ -275,17 +281,28 @@ class FusionPipeline:
         """One uint16 prediction per DW form from a single pass of the networks; each is the bytes
         ``run`` gives with that form (no deadline). Why: the quality table scores every form, and
         the networks, not DW, cost the time."""
+        variants = [replace(self.settings, difference_weighting=form) for form in forms]
+        return dict(zip(forms, self.run_each_setting(volume, spacing, variants), strict=True))
+
+    def run_each_setting(
+        self, volume: np.ndarray, spacing: tuple[float, float, float], variants: list[MethodSettings]
+    ) -> list[np.ndarray]:
+        """One uint16 prediction per settings in ``variants`` from a single pass of the networks.
+
+        The variants may differ in what acts after the networks (the DW form, ``native_detail``,
+        ``change_strength``); each result is the bytes ``run`` gives with those settings (no
+        deadline). For the quality table and for fitting the safeguard on validation pairs.
+        """
         timings: dict[str, float] = {}
-        results: dict[str, np.ndarray] = {}
+        results: list[np.ndarray] = []
         with torch.inference_mode():
             iso, bounds = to_isotropic(
                 volume, spacing, self.device, self.config.target_spacing, self._timed, timings
             )
             before = self.predict_before_dw(iso, timings)
-            for form in forms:
-                settings = replace(self.settings, difference_weighting=form)
+            for settings in variants:
                 prediction = weigh_differences(iso, before.clone(), settings)
-                results[form] = to_native_uint16(prediction, tuple(volume.shape), bounds)
+                results.append(add_change_on_native_grid(volume, iso, prediction, bounds, settings))
         return results
 
     @torch.inference_mode()  # also when training's validation calls it under no_grad only
@@ -504,20 +521,60 @@ def to_isotropic(
     with stage(timings, "resample_in", device):
         # resampling is linear with unit-sum weights: normalizing after it is the same
         iso_shape = isotropic_shape(tuple(volume.shape), spacing, target_spacing)
-        iso = resample_to_shape(raw, iso_shape).sub_(lo).div_(hi - lo if hi > lo else 1.0)
+        iso = resample_to_shape(raw, iso_shape).sub_(lo).div_(_span(lo, hi))
         del raw
     return iso, (lo, hi)
 
 
-def to_native_uint16(
+def _span(lo: float, hi: float) -> float:
+    return hi - lo if hi > lo else 1.0
+
+
+def add_change_on_native_grid(
+    volume: np.ndarray,
+    iso: torch.Tensor,
     prediction: torch.Tensor,
-    shape: tuple[int, ...],
     bounds: tuple[float, float],
+    settings: MethodSettings,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The method's last step: back to the input's grid, the input's (p2, p99.8) range, uint16."""
+    """The method's last step: the change the networks made at 0.6 um (``prediction - iso``),
+    brought to the input's grid and added to the native input; the input's range, uint16.
+
+    Why not resample the prediction itself: that passes the input through the 0.6 um round trip,
+    which throws away its detail finer than 0.6 um (the studies have 0.195-0.39 um pixels). With
+    ``native_detail`` g and ``change_strength`` s, per voxel (normalized units, ``up`` the
+    resampling to the native grid): ``N + s * (up(P - I) - (1 - g) * (N - up(I)))``; g = 0
+    gives the round trip ``up(P)``. A change of exactly zero returns the input bit for bit.
+    The native input is read from the host one slab at a time (the device holds no copy of it
+    through the networks: 2.1 GiB for study 5). ``prediction`` is overwritten; ``out`` may be
+    ``volume`` itself (each slab is read before it is written).
+    """
+    lo, hi = bounds
+    span = _span(lo, hi)
+    shape = tuple(int(n) for n in volume.shape)
     result = np.empty(shape, dtype=np.uint16) if out is None else out
-    for z0, slab in resample_slabs(prediction, shape):
+    detail_dropped = 1.0 - float(settings.native_detail)
+    strength = float(settings.change_strength)
+    change = prediction.sub_(iso)
+    round_trip = resample_slabs(iso, shape) if detail_dropped > 0 else None
+    for z0, slab in resample_slabs(change, shape):
+        z1 = z0 + slab.shape[0]
+        planes = np.array(volume[z0:z1], dtype=np.float32)  # a copy: the input stays as it is
+        native = torch.from_numpy(planes).to(slab.device).sub_(lo).div_(span)
+        if round_trip is not None:
+            z_iso, iso_slab = next(round_trip)
+            assert z_iso == z0, "the two resamplings must share their slabs"
+            slab = slab - detail_dropped * (native - iso_slab)
+        native.add_(slab, alpha=strength)
+        result[z0:z1] = to_input_range_uint16(native, lo, hi)
+    return result
+
+
+def round_trip_uint16(iso: torch.Tensor, shape: tuple[int, ...], bounds: tuple[float, float]) -> np.ndarray:
+    """A 0.6 um volume resampled to ``shape`` in the input's range, uint16: the ``resample`` baseline."""
+    result = np.empty(shape, dtype=np.uint16)
+    for z0, slab in resample_slabs(iso, shape):
         result[z0 : z0 + slab.shape[0]] = to_input_range_uint16(slab, *bounds)
     return result
 

@@ -45,7 +45,8 @@ def _untrained_correction_models(dw: str, step2_residual: int = 1) -> ModelSet:
 
 @pytest.mark.parametrize("dw", ["none", "released"])
 @pytest.mark.parametrize("step2_residual", [0, 1])
-def test_untrained_correction_pipeline_equals_the_resample_baseline_to_the_last_bit(dw, step2_residual):
+def test_untrained_correction_pipeline_returns_its_input_to_the_last_bit(dw, step2_residual):
+    """The change is added on the native grid: networks that change nothing give back the input."""
     volume = _volume()
     tiling = TilingConfig(patch=(16, 16, 16), overlap=0.5, batch=2)
     models = _untrained_correction_models(dw, step2_residual)
@@ -53,30 +54,47 @@ def test_untrained_correction_pipeline_equals_the_resample_baseline_to_the_last_
     assert pipeline.correction and pipeline.settings.difference_weighting == dw
     fused, timings = pipeline.run(volume, SPACING)
     assert "step1" in timings and "step2" in timings  # both networks ran
+    assert np.array_equal(fused, volume)
+    # with none of the input's native detail kept, the output is the input's 0.6 um round trip
+    round_trip, _ = FusionPipeline(models, PipelineConfig(tiling=tiling, native_detail=0.0)).run(volume, SPACING)
     expected = resample_baseline(volume, SPACING)
-    assert np.array_equal(fused, expected)
+    assert np.array_equal(round_trip, expected)
     assert not np.array_equal(expected, volume)  # resampling does change the volume
+
+
+def test_the_safeguard_strength_scales_the_change():
+    """change_strength 0 returns the input whatever the networks do; 0.5 lands between."""
+    models = _untrained_correction_models("none")
+    torch.nn.init.constant_(models.step2.network.head.bias, 0.2)
+    tiling = TilingConfig(patch=(16, 16, 16), batch=2)
+    volume = _volume()
+    full = FusionPipeline(models, PipelineConfig(tiling=tiling)).run(volume, SPACING)[0].astype(float)
+    half = FusionPipeline(models, PipelineConfig(tiling=tiling, change_strength=0.5)).run(volume, SPACING)[0]
+    none = FusionPipeline(models, PipelineConfig(tiling=tiling, change_strength=0.0)).run(volume, SPACING)[0]
+    assert np.array_equal(none, volume)
+    assert np.abs(full - volume).mean() > 10
+    assert np.abs(half - (volume + full) / 2).max() <= 1.0  # rounding only
 
 
 def test_step_two_on_the_input_ignores_a_trained_step_one_until_it_is_trained():
     """Residual on channel 0: step 1's output is context only, so an untrained step 2 still gives
-    the resample baseline however step 1 was trained."""
+    the input however step 1 was trained."""
     models = _untrained_correction_models("none", step2_residual=0)
     torch.nn.init.constant_(models.step1.network.head.bias, 0.05)
     pipeline = FusionPipeline(models, PipelineConfig(tiling=TilingConfig(patch=(16, 16, 16), batch=2)))
     volume = _volume()
-    assert np.array_equal(pipeline.run(volume, SPACING)[0], resample_baseline(volume, SPACING))
+    assert np.array_equal(pipeline.run(volume, SPACING)[0], volume)
     step1_only = FusionPipeline(models, PipelineConfig(step2=False))
-    assert not np.array_equal(step1_only.run(volume, SPACING)[0], resample_baseline(volume, SPACING))
+    assert not np.array_equal(step1_only.run(volume, SPACING)[0], volume)
 
 
 def test_a_trained_step_changes_the_correction_pipeline():
-    """The test above is not vacuous: a non-zero head moves the output away from the baseline."""
+    """The test above is not vacuous: a non-zero head moves the output away from the input."""
     models = _untrained_correction_models("none")
     torch.nn.init.constant_(models.step2.network.head.bias, 0.05)
     pipeline = FusionPipeline(models, PipelineConfig(tiling=TilingConfig(patch=(16, 16, 16), batch=2)))
     volume = _volume()
-    assert not np.array_equal(pipeline.run(volume, SPACING)[0], resample_baseline(volume, SPACING))
+    assert not np.array_equal(pipeline.run(volume, SPACING)[0], volume)
 
 
 def test_fit_sigma_recovers_the_sigma_that_made_the_target():
