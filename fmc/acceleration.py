@@ -26,6 +26,15 @@ CUDA_ONLY_PRECISIONS = ("fp16", "fp16-weights")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+#: Precisions whose arithmetic can overflow where float32 does not (float16's range ends at 65504).
+HALF_PRECISIONS = ("fp16", "fp16-weights")
+_last_precision: list[str] = []  # the precision the most recent forward ran with (one entry)
+
+
+def last_forward_was_float16() -> bool:
+    """Whether the most recent network forward ran in float16, so a non-finite output may be an
+    overflow (and --precision fp32 the cure) rather than broken weights or input."""
+    return bool(_last_precision) and _last_precision[0] in HALF_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,7 @@ def build_forward(network: nn.Module, options: KernelOptions, device: torch.devi
     seen_shapes: set[tuple[int, ...]] = set()
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
+        _last_precision[:] = [options.precision]
         x = batch.to(dtype=input_dtype).contiguous(memory_format=memory_format)
         first = options.compile is not None and tuple(x.shape) not in seen_shapes
         start = time.perf_counter()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fmc.acceleration import KernelOptions
+from fmc.acceleration import KernelOptions, last_forward_was_float16
 from fmc.memory import SLAB_VOXELS
 from fmc.tiling import Deadline, PatchSource, TilingConfig, patch_starts, sliding_window_inference
 
@@ -195,10 +195,16 @@ def take_input_where_non_finite_(
         if count:
             part[bad] = image[z0 : z0 + rows][bad]
             replaced += count
-    if replaced:
+    if replaced and last_forward_was_float16():
         log.warning(
             "%d voxels of the network output were not finite (float16 overflow?) and took the input's "
             "values; --precision fp32 avoids that",
+            replaced,
+        )
+    elif replaced:  # float32 does not overflow here: the weights or the input are to blame
+        log.warning(
+            "%d voxels of the network output were not finite (in float32: not an overflow; check the "
+            "weights and the input) and took the input's values",
             replaced,
         )
     return replaced

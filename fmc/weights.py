@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fmc.atomic import atomic_write
+from fmc.card_reader import CardError, check_card, check_model_folder
 from fmc.network import RUNet, RUNetConfig
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,10 @@ def read_card(path: Path) -> ModelCard:
             f"{path}: model card format_version {version!r} is not supported (this code reads "
             f"version {FORMAT_VERSION}); re-export the model with this version of train.py export"
         )
+    try:
+        check_card(path, data, ModelCard)  # types, ranges, settings: one line naming the key
+    except CardError as error:
+        raise WeightsError(str(error)) from None
     known = {f.name for f in dataclasses.fields(ModelCard)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -216,6 +221,7 @@ def load_model(path_stem: Path, device: torch.device | str = "cpu", *, tensors: 
         tensors = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise WeightsError(f"{weights}: not a readable safetensors file: {error}") from error
+    _check_finite(weights, tensors)
     network = RUNet(config)
     _check_tensors(weights, network, tensors)
     network.load_state_dict(tensors, strict=True)
@@ -229,6 +235,21 @@ def load_model(path_stem: Path, device: torch.device | str = "cpu", *, tensors: 
         device,
     )
     return LoadedModel(network=network, card=card, path=weights)
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or Inf: such a network outputs NaN everywhere, and the safeguard
+    that gives non-finite voxels the input's values would turn it into a silent identity."""
+    broken = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        raise WeightsError(
+            f"{path}: {len(broken)} of {len(tensors)} tensors hold NaN or Inf values (e.g. {broken[:3]}): "
+            "the weights are broken; re-export or re-download them"
+        )
 
 
 def _check_tensors(path: Path, network: RUNet, tensors: dict[str, torch.Tensor]) -> None:
@@ -308,6 +329,19 @@ def _choose_folder(root: Path, channel: str, study: int | None) -> tuple[Path, s
     return None
 
 
+def _check_folder_cards(folder: Path, steps: list[str], skip: Collection[str]) -> None:
+    """Before any tensor is loaded: each card checked, every step the cards say the model has is
+    there (never step 1 alone from a half-copied folder), and the two cards agree."""
+    cards = {}
+    for step in steps:
+        path = folder / f"{step}{CARD_SUFFIX}"
+        cards[step] = (path, dataclasses.asdict(read_card(path)))
+    try:
+        check_model_folder(folder, cards, skip)
+    except CardError as error:
+        raise WeightsError(str(error)) from None
+
+
 def discover_models(
     explicit: Path | None,
     channel: str,
@@ -338,6 +372,7 @@ def discover_models(
         folder, why = chosen
         log.info("using models in %s: %s", folder, why)
         steps = _steps_in(folder)
+        _check_folder_cards(folder, steps, skip)
         loaded = {step: load_model(folder / step, device, tensors=step not in skip) for step in steps}
         for step, model in loaded.items():
             if f"step{model.card.step}" != step:

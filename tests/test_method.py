@@ -83,7 +83,8 @@ def test_a_card_asking_for_a_channel_the_pipeline_cannot_build_is_refused(tmp_pa
     with caplog.at_level(logging.ERROR):
         code = main(["--input", str(inputs_dir), "--output", str(out), "--weights", str(weights), *FAST])
     assert code != 0
-    assert "step2.json" in caplog.text and "'curvature'" in caplog.text and "distance" in caplog.text
+    assert ".json: training.pipeline.step2_inputs" in caplog.text and "'curvature'" in caplog.text
+    assert "distance" in caplog.text
     assert not (out / "image_0_nucleus_angle.tif").exists()
     with pytest.raises(ValueError, match="takes 3"):
         MethodSettings(step2_inputs=("image", "step1")).step2_channels(3)

@@ -191,7 +191,8 @@ def test_previews_of_a_tif_and_a_tiff_do_not_collide(tmp_path):
 def _inference(args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": tempfile.gettempdir()}
     command = [*(prefix or []), sys.executable, str(REPO / "inference.py"), *args]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(command, cwd=REPO, env=env, **pipes)
 
 
 def test_sigint_during_the_imports_is_one_line_not_a_traceback(tmp_path, tiny_weights):

@@ -166,6 +166,9 @@ def test_channel_folder_falls_back_to_any_and_study_is_preferred(tmp_path: Path)
 
 def test_flat_root_and_single_step_sets(tmp_path: Path) -> None:
     _write(tmp_path, steps=(2,))
+    card = json.loads((tmp_path / "step2.json").read_text())
+    card["training"]["pipeline"] = {"step1": False}  # a one-step model says so (issue 22, C)
+    (tmp_path / "step2.json").write_text(json.dumps(card))
     models = discover_models(tmp_path, "nucleus", None)
     assert models.folder == tmp_path and models.step1 is None and models.step2 is not None
 
