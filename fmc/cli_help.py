@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
 
 def default_goes_unsaid(default: Any, help_text: str) -> bool:
@@ -24,3 +24,13 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.required or default_goes_unsaid(action.default, text):
             return text
         return super()._get_help_string(action)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: error: ... (see prog --help)``), exit 2.
+
+    Why: argparse prints its whole usage block first; for inference.py that is a dozen lines in
+    front of the one that says what is wrong, and every command-line fault must be one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

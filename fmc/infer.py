@@ -23,7 +23,7 @@ import torch
 
 from fmc.acceleration import COMPILE_MODES, PRECISIONS, KernelOptions
 from fmc.atomic import atomic_write, remove_stale_partials
-from fmc.cli_help import DefaultsHelpFormatter
+from fmc.cli_help import DefaultsHelpFormatter, OneLineErrorParser
 from fmc.device import select_device
 from fmc.io import (
     CaseError,
@@ -55,6 +55,7 @@ from fmc.signals import Interrupted, install_signal_handlers, restore_signal_han
 from fmc.tiling import TilingConfig
 from fmc.weights import (
     CARD_SUFFIX,
+    HOW_TO_GET_WEIGHTS,
     REPO_WEIGHTS,
     STEPS,
     WEIGHTS_SUFFIX,
@@ -107,8 +108,9 @@ def explicit_weights_problem(root: Path) -> str | None:
     Why: discovery would otherwise fall through to /opt/ml/model or the baked-in weights, and a
     user who named a folder would get another model without noticing.
     """
-    if not root.is_dir():
-        return None  # discover_models says "no such folder" / "not a folder"
+    if not root.is_dir():  # once for the run, not once per case from discover_models
+        what = "not a folder" if root.exists() else "no such folder"
+        return f"--weights {root}: {what}. {HOW_TO_GET_WEIGHTS}"
     folders = [root]
     for sub in MODEL_SUBFOLDERS:
         folders.append(root / sub)
@@ -164,7 +166,14 @@ def cap_gpu_memory(device: torch.device, gib: float | None) -> None:
 
 
 def run_inference(options: InferenceOptions) -> list[CaseResult]:
-    """Fuse every case of ``options.input`` into ``options.output``; returns one result per input file."""
+    """Fuse every case of ``options.input`` into ``options.output``; returns one result per input file.
+
+    Each fault is logged once, where it is found: a fault of the whole run (input or output folder,
+    ``--weights``) as one line before any fusing, a case's fault as one line naming the case."""
+    if not options.input.is_dir():
+        what = "not a folder" if options.input.exists() else "no such folder"
+        log.error("--input %s: %s", options.input, what)
+        return []
     try:
         cases = list_inputs(options.input)
     except PreflightError as error:
@@ -219,6 +228,7 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
             log.error("%s", error)
             results.append(CaseResult(path.name, False, str(error)))
         except FusionFailedError as error:
+            log.error("FAILED %s: %s", path.name, error)  # its attempts' tracebacks are above
             results.append(CaseResult(path.name, False, str(error)))
     return results
 
@@ -496,7 +506,7 @@ def _one_line(error: BaseException) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The documented command line of inference.py."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="inference.py",
         description=(
             "Predict the multiview-fused volume from one lightsheet view (FuseMyCells). "
@@ -681,14 +691,13 @@ def _run(options: InferenceOptions, start: float) -> int:
     try:
         results = run_inference(options)
         failed = [r for r in results if not r.ok]
-        log.info(
-            "done: %d/%d case(s) fused in %.1fs",
-            len(results) - len(failed),
-            len(results),
-            time.perf_counter() - start,
-        )
-        for result in failed:
-            log.error("FAILED %s: %s", result.name, result.message)
+        if results:  # each failure was logged once where it happened; this line only counts them
+            log.info(
+                "done: %d/%d case(s) fused in %.1fs",
+                len(results) - len(failed),
+                len(results),
+                time.perf_counter() - start,
+            )
         report_problem = None
         if options.report is not None:
             report_problem = write_report(options.report, results, time.perf_counter() - start)
