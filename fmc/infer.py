@@ -34,6 +34,7 @@ from fmc.io import (
     read_case,
     write_prediction,
 )
+from fmc.memory_plan import check_case, fusion_spacing, plan_for
 from fmc.method import DEFAULT_PATCH, DW_FORMS, MethodSettings
 from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
@@ -339,12 +340,15 @@ def _fuse_one(
             config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))
         pipelines[key] = FusionPipeline(models, config, device)
     pipeline = pipelines[key]
+    # Before the big buffers: the grid the spacing implies, and whether the memory is there for it.
+    shape = tuple(case.volume.shape)
+    spacing = fusion_spacing(path.name, shape, meta.spacing, pipeline.config.target_spacing)
+    plan = plan_for(pipeline, shape, case.volume.dtype == np.uint16, spacing)
+    check_case(path, shape, spacing, plan, device, options.gpu_memory_gib)
     input_projection = mip_projections(case.volume) if preview is not None else None
     # A writeable uint16 input takes the prediction in place: one volume on the host, not two.
     reuse = case.volume.dtype == np.uint16 and case.volume.flags.writeable
-    fused, timings = pipeline.run(
-        case.volume, meta.spacing, deadline=deadline, out=case.volume if reuse else None
-    )
+    fused, timings = pipeline.run(case.volume, spacing, deadline=deadline, out=case.volume if reuse else None)
     write_start = time.perf_counter()
     write_prediction(target, fused, meta)
     timings = {
