@@ -255,3 +255,16 @@ def test_a_sigterm_after_the_last_case_prints_nothing(tmp_path, tiny_weights):
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert process.returncode in (0, 128 + signal.SIGTERM), err
     assert (tmp_path / "out" / CASE).is_file()
+
+
+# ------------------------------------------------------------------ smaller: a symlink loop
+
+
+def test_a_symlink_loop_is_named_as_a_loop(tmp_path, tiny_weights, caplog):
+    _case(tmp_path / "in")
+    (tmp_path / "in" / "loop.tif").symlink_to(tmp_path / "in" / "loop2.tif")
+    (tmp_path / "in" / "loop2.tif").symlink_to(tmp_path / "in" / "loop.tif")
+    assert main(inference_args(tmp_path / "in", tmp_path / "out", tiny_weights)) == 1
+    lines = [line for line in _errors(caplog) if line.startswith("loop.tif: ")]
+    assert lines and "symbolic link loop" in lines[0] and "does not exist" not in lines[0], caplog.text
+    assert (tmp_path / "out" / CASE).is_file()

@@ -5,6 +5,7 @@ dtype, shape, non-finite and constant volumes), :func:`list_cases`, :func:`fit_u
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -64,10 +65,20 @@ def _capture_tifffile_log() -> Iterator[_TiffLogCapture]:
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
+def _broken_link_reason(path: Path) -> str:
+    """Why a symbolic link leads nowhere: a missing target, or a loop of links (ELOOP)."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"symbolic link loop (it leads back to itself through {os.readlink(path)})"
+    return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+
+
 def _check_header(path: Path) -> int:
     """File size; raises CaseError for missing, empty, non-TIFF or cut-off headers."""
     if path.is_symlink() and not path.exists():
-        raise CaseError(path, f"broken symbolic link (its target {os.readlink(path)} does not exist)")
+        raise CaseError(path, _broken_link_reason(path))
     try:
         size = path.stat().st_size
         if path.is_dir():
