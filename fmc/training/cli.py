@@ -243,6 +243,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0 if manifest.cases else 1
 
 
+def one_logging_path() -> None:
+    """Lightning's lines through the root handler :func:`main` installs, and nowhere else.
+
+    Why: importing ``lightning`` adds its own ``INFO: ...`` console handler to the ``lightning``
+    logger while still propagating to the root, so the model summary and every other Lightning
+    line printed twice, once bare and once in fmc's format. Call it after lightning is imported.
+    """
+    if not logging.getLogger().handlers:
+        return  # nobody configured logging: Lightning's own console is the only path, keep it
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     config = _fit_config(args)
     if args.print_config:
@@ -250,6 +266,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 0
     from fmc.training.fit import run_fit
 
+    one_logging_path()
     results = run_fit(config, prepare_workers=args.prepare_workers)
     from lightning.pytorch.utilities import rank_zero_only
 
