@@ -24,13 +24,15 @@ from benchmarks.common import (
     GIB,
     PreparedCase,
     add_case_arguments,
-    host_info,
-    prepare_from_args,
     print_json,
     python,
+    run_benchmark,
     run_child,
+    setup_logging,
     tail,
 )
+
+PROG = "python -m benchmarks.bench_inference"
 
 
 def report_figures(report: dict) -> dict:
@@ -91,7 +93,7 @@ def run_fmc(prepared: PreparedCase, device: str, extra_args: list[str], timeout:
     report_file.unlink(missing_ok=True)
     command = inference_command(prepared, device, extra_args, report_file)
     output = prepared.output_dir / prepared.case_path.name
-    child = run_child(command, output=output, timeout=timeout)
+    child = run_child(command, output=output, timeout=timeout, label="fmc inference.py")
     figures = report_figures(read_report(report_file))
     report = {
         "benchmark": "fmc inference.py",
@@ -120,7 +122,7 @@ def run_fmc(prepared: PreparedCase, device: str, extra_args: list[str], timeout:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_inference",
+        prog=PROG,
         description="Time inference.py end to end on a synthetic case of a study's shape (JSON on stdout).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -133,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prepared, holder = prepare_from_args(args)
-    host = host_info()  # before the runs: the load average says what else was running
-    try:
+    setup_logging()
+
+    def bench(prepared: PreparedCase, host: dict) -> int:
         result = run_fmc(prepared, args.device, shlex.split(args.extra_args), args.timeout)
         print_json(
             {
@@ -147,9 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         return 0 if result["ok"] else 1
-    finally:
-        if holder is not None:
-            holder.cleanup()
+
+    return run_benchmark(args, PROG, bench)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.common import host_info, print_json
+from benchmarks.common import host_info, log, print_json, require_device, setup_logging
 from fmc.acceleration import KernelOptions, build_forward
 from fmc.network import RUNet, count_parameters, preset
+from fmc.signals import Interrupted, install_signal_handlers, restore_signal_handlers
+
+PROG = "python -m benchmarks.bench_kernels"
 
 _EAGER = KernelOptions(precision="fp32", channels_last=False)  # explicit: unset means "per device"
 VARIANTS: dict[str, KernelOptions] = {
@@ -90,7 +93,7 @@ def measure(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_kernels",
+        prog=PROG,
         description="RUNet forward throughput per kernel option vs float32 eager (JSON on stdout).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -112,8 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Refuses --device cuda without CUDA in one line; a stop signal is one line and 128 + N, as in
+    inference.py (nothing to remove: every variant runs in this process)."""
     args = build_parser().parse_args(argv)
-    device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
+    setup_logging()
+    require_device(args.device, PROG)
+    previous = install_signal_handlers()
+    try:
+        return _measure_all(args)
+    except Interrupted as stop:
+        log.error("%s: stopped by %s; exit code %d", PROG, stop, stop.exit_code)
+        return stop.exit_code
+    finally:
+        restore_signal_handlers(previous)
+
+
+def _measure_all(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
     base = RUNet(preset(args.preset, in_channels=args.in_channels)).eval()
     generator = torch.Generator().manual_seed(args.seed)
@@ -121,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     names = ["fp32", *(name for name in args.variants if name != "fp32")]
     rows: dict[str, dict] = {}
     reference = None
-    for name in names:
+    for index, name in enumerate(names, 1):
+        log.info("variant %d/%d: %s (%d timed calls)", index, len(names), name, args.iterations)
         options = VARIANTS[name]
         if options.needs_cuda and device.type != "cuda":
             rows[name] = {"options": options, "skipped": "needs CUDA"}

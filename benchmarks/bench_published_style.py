@@ -35,14 +35,16 @@ import numpy as np
 from benchmarks.common import (
     PreparedCase,
     add_case_arguments,
-    host_info,
     isotropic_shape,
-    prepare_from_args,
     print_json,
     python,
+    run_benchmark,
     run_child,
+    setup_logging,
     tail,
 )
+
+PROG = "python -m benchmarks.bench_published_style"
 
 WINDOW = 224
 OVERLAP = 0.25
@@ -249,7 +251,7 @@ def run_published_child(
     prepared.published_dir.mkdir(parents=True, exist_ok=True)
     command = published_command(prepared, device, window, overlap, global_size)
     output = prepared.published_dir / prepared.case_path.name
-    child = run_child(command, output=output, timeout=timeout)
+    child = run_child(command, output=output, timeout=timeout, label="published-style worker")
     worker: dict = {}
     with suppress(ValueError):
         worker = json.loads(child.stdout)
@@ -292,7 +294,7 @@ def run_published_child(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_published_style",
+        prog=PROG,
         description="Time the published-style pipeline (CPU skimage resize, 224^3 fp32 windows) as JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -327,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--worker" in argv:
         return _worker(argv)
     args = build_parser().parse_args(argv)
-    prepared, holder = prepare_from_args(args)
-    host = host_info()  # before the runs: the load average says what else was running
-    try:
+    setup_logging()
+
+    def bench(prepared: PreparedCase, host: dict) -> int:
         result = run_published_child(
             prepared, args.device, args.window, args.overlap, args.global_size, args.timeout
         )
@@ -343,9 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         return 0 if result["ok"] else 1
-    finally:
-        if holder is not None:
-            holder.cleanup()
+
+    return run_benchmark(args, PROG, bench)
 
 
 if __name__ == "__main__":

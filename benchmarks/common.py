@@ -9,26 +9,39 @@ driver-level GPU peak from a streaming ``nvidia-smi`` while it runs, and everyth
 writes itself (``inference.py --report``).
 
 Run the scripts from the repository root as modules, e.g. ``python -m benchmarks.compare``.
+
+Every script prints progress on stderr (stdout holds the JSON): what is being made, each child
+as it starts and ends, and a line every :data:`PROGRESS_SECONDS` while a child runs. ``--device
+cuda`` where there is no CUDA stops at once, in one line (:func:`require_device`). SIGTERM and
+SIGINT are handled as ``inference.py`` handles them (:mod:`fmc.signals`): the running child is
+stopped, every temporary is removed, one line says so, exit code 128 + N (:func:`run_benchmark`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fmc.signals import Interrupted, install_signal_handlers, restore_signal_handlers
+
+log = logging.getLogger("benchmarks")
 
 REPO = Path(__file__).resolve().parent.parent
 INPUT_LAYOUT = Path("input/images/fluorescence-lightsheet-3D-microscopy")
@@ -36,6 +49,35 @@ OUTPUT_LAYOUT = Path("output/images/fused-fluorescence-lightsheet-3D-microscopy"
 PUBLISHED_LAYOUT = Path("published/images/fused-fluorescence-lightsheet-3D-microscopy")
 CASE_NAME = "image_0_nucleus_angle.tif"
 GIB = 2**30
+#: Seconds between two "still running" lines while a child runs.
+PROGRESS_SECONDS = 30.0
+#: How long a stopped child gets to remove its own temporary (SIGTERM) before SIGKILL.
+CHILD_STOP_SECONDS = 10.0
+#: Temporaries the children write next to their outputs: fmc's ``.<name>.partial-<pid>`` and the
+#: published-style worker's ``.<name>.part``.
+_PARTIAL = re.compile(r"^\..+\.(partial-\d+|part)$")
+
+
+def setup_logging() -> None:
+    """Progress lines on stderr, stdout being the JSON; leaves a caller's logging (gpu_check) alone."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def require_device(device: str, prog: str) -> None:
+    """``--device cuda`` without CUDA: one line and exit 1 before anything is made.
+
+    Why not fall back to the CPU: the paper preset on a study-5 case then runs for hours with
+    nothing on the screen, which reads as a hang; a CPU run should be asked for, at a size that fits.
+    """
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            f"{prog}: --device cuda, but this machine has no usable CUDA device; pass --device cpu "
+            "(at full size with --preset paper that takes hours: try --preset small --scale 0.5 first)"
+        )
 
 
 @dataclass(frozen=True)
@@ -221,34 +263,92 @@ def prepare_case(workdir: Path, study: int, preset_name: str, scale: float, seed
     wanted = prepared.describe()
     if marker.exists() and prepared.case_path.exists() and json.loads(marker.read_text()) == wanted:
         prepared.reused = True
+        log.info("reusing the case and model in %s", workdir)
         return prepared
     from fmc.simulated_tiff import write_volume
 
     start = time.perf_counter()
-    prepared.input_dir.mkdir(parents=True, exist_ok=True)
-    volume = synthetic_volume(prepared.shape, seed=seed)
-    write_volume(
-        prepared.case_path, volume, spacing=prepared.spacing, channel="nucleus", study=study, style="shaped"
+    gib = math.prod(prepared.shape) * 2 / GIB
+    log.info(
+        "making the study-%d case (%s voxels, %.2f GiB uint16) and a random %s model in %s",
+        study,
+        "x".join(map(str, prepared.shape)),
+        gib,
+        preset_name,
+        workdir,
     )
-    del volume
-    if prepared.weights_dir.exists():
-        shutil.rmtree(prepared.weights_dir)
-    write_random_model(prepared.weights_dir, preset_name, seed)
+    marker.unlink(missing_ok=True)  # a half-written case must never pass for a finished one
+    try:
+        prepared.input_dir.mkdir(parents=True, exist_ok=True)
+        volume = synthetic_volume(prepared.shape, seed=seed)
+        write_volume(
+            prepared.case_path,
+            volume,
+            spacing=prepared.spacing,
+            channel="nucleus",
+            study=study,
+            style="shaped",
+        )
+        del volume
+        if prepared.weights_dir.exists():
+            shutil.rmtree(prepared.weights_dir)
+        write_random_model(prepared.weights_dir, preset_name, seed)
+    except BaseException:
+        prepared.case_path.unlink(missing_ok=True)  # in a --keep folder too: GiB of a half case
+        raise
     marker.write_text(json.dumps(wanted))
     prepared.seconds_to_prepare = round(time.perf_counter() - start, 3)
+    log.info("case and model ready in %.1f s", prepared.seconds_to_prepare)
     return prepared
 
 
-def prepare_from_args(args: argparse.Namespace) -> tuple[PreparedCase, tempfile.TemporaryDirectory | None]:
-    """Prepare in ``--keep`` or in a temporary folder (returned so the caller controls its lifetime)."""
-    holder = None
-    if args.keep is not None:
-        workdir = args.keep.resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        holder = tempfile.TemporaryDirectory(prefix="fmc-bench-")
-        workdir = Path(holder.name)
-    return prepare_case(workdir, args.study, args.preset, args.scale, args.seed), holder
+def remove_partials(prepared: PreparedCase) -> None:
+    """Remove the children's temporaries from a kept work folder (a killed child leaves its own)."""
+    for folder in (prepared.output_dir, prepared.published_dir):
+        with contextlib.suppress(OSError):
+            for entry in folder.iterdir():
+                if _PARTIAL.match(entry.name) and entry.is_file():
+                    entry.unlink(missing_ok=True)
+
+
+def run_benchmark(args: argparse.Namespace, prog: str, body: Callable[[PreparedCase, dict], int]) -> int:
+    """Check the device, prepare the case, run ``body(prepared, host)``; clean up whatever happens.
+
+    The work folder is ``--keep`` or a temporary folder (removed at the end). A stop signal anywhere
+    (making the case, a child running) is :class:`fmc.signals.Interrupted`, as in inference.py: the
+    child is stopped (:func:`run_child`), the temporary folder removed or, in a ``--keep`` folder,
+    the children's temporaries; then one line and exit code 128 + N.
+    """
+    require_device(args.device, prog)
+    previous = install_signal_handlers()
+    holder: tempfile.TemporaryDirectory | None = None
+    prepared: PreparedCase | None = None
+    try:
+        try:
+            if args.keep is not None:
+                workdir = args.keep.resolve()
+                workdir.mkdir(parents=True, exist_ok=True)
+            else:
+                holder = tempfile.TemporaryDirectory(prefix="fmc-bench-")
+                workdir = Path(holder.name)
+            prepared = prepare_case(workdir, args.study, args.preset, args.scale, args.seed)
+            host = host_info()  # before the runs: the load average says what else was running
+            return body(prepared, host)
+        finally:
+            if holder is not None:
+                holder.cleanup()
+            elif prepared is not None:
+                remove_partials(prepared)
+    except Interrupted as stop:
+        where = (
+            "the temporary work folder removed"
+            if args.keep is None
+            else f"{args.keep} kept, less the half-written case and the children's temporaries"
+        )
+        log.error("%s: stopped by %s: %s; exit code %d", prog, stop, where, stop.exit_code)
+        return stop.exit_code
+    finally:
+        restore_signal_handlers(previous)
 
 
 class DriverMemoryPoller:
@@ -343,6 +443,35 @@ class ChildRun:
     stderr: str = field(repr=False, default="")
 
 
+def _last_line(fd: int, size: int = 4096) -> str:
+    """The last non-empty line a child wrote to the file behind ``fd`` so far (progress lines)."""
+    end = os.fstat(fd).st_size
+    text = os.pread(fd, min(size, end), max(0, end - size)).decode("utf-8", "replace")
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1][-200:] if lines else "(nothing yet)"
+
+
+def _report_progress(label: str, err_fd: int, start: float, done: threading.Event) -> None:
+    while not done.wait(PROGRESS_SECONDS):
+        log.info(
+            "%s: running for %.0f s; its last line: %s",
+            label,
+            time.perf_counter() - start,
+            _last_line(err_fd),
+        )
+
+
+def _stop_child(process: subprocess.Popen) -> None:
+    """SIGTERM first, so inference.py removes its temporary; SIGKILL if it has not gone in time."""
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        process.wait(timeout=CHILD_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def run_child(
     command: list[str],
     *,
@@ -350,12 +479,15 @@ def run_child(
     env: dict[str, str] | None = None,
     cwd: Path = REPO,
     timeout: float | None = None,
+    label: str = "child",
 ) -> ChildRun:
     """Run ``command`` to completion and measure it; ``output`` is the file whose mtime ends the clock.
 
     The output is written under a temporary name and renamed (both pipelines), and a
     rename keeps the mtime of the last write, so mtime - start is "process start to file
     written" without polling. After ``timeout`` seconds the child is killed (``timed_out``).
+    ``label`` names the child in the progress lines. Any exception here (a stop signal) stops
+    the child before it goes on: SIGTERM, then SIGKILL.
     """
     if output.exists():
         output.unlink()
@@ -366,18 +498,27 @@ def run_child(
             process = subprocess.Popen(
                 command, cwd=cwd, env=env, stdout=out_file, stderr=err_file, stdin=subprocess.DEVNULL
             )
+            log.info("%s: started (pid %d)", label, process.pid)
             killer = threading.Timer(timeout, process.kill) if timeout else None
             if killer is not None:
                 killer.start()
+            done = threading.Event()
+            threading.Thread(
+                target=_report_progress, args=(label, err_file.fileno(), start, done), daemon=True
+            ).start()
             try:
                 _, status, usage = os.wait4(process.pid, 0)
             except BaseException:
-                process.kill()  # never leave a 10-minute child behind on Ctrl-C
+                _stop_child(process)  # never leave a 10-minute child behind on Ctrl-C or SIGTERM
                 raise
             finally:
+                done.set()
                 if killer is not None:
                     killer.cancel()
             seconds_to_exit = time.perf_counter() - start
+            log.info(
+                "%s: exit code %d after %.1f s", label, os.waitstatus_to_exitcode(status), seconds_to_exit
+            )
             process.returncode = os.waitstatus_to_exitcode(status)
         out_file.seek(0)
         err_file.seek(0)

@@ -19,12 +19,14 @@ import sys
 
 from benchmarks.bench_inference import run_fmc
 from benchmarks.bench_published_style import GLOBAL_SIZE, OVERLAP, WINDOW, run_published_child
-from benchmarks.common import add_case_arguments, host_info, prepare_from_args, print_json
+from benchmarks.common import PreparedCase, add_case_arguments, print_json, run_benchmark, setup_logging
+
+PROG = "python -m benchmarks.compare"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.compare",
+        prog=PROG,
         description="Run inference.py and the published-style pipeline on one case; JSON with the ratio.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -46,9 +48,9 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    prepared, holder = prepare_from_args(args)
-    host = host_info()  # before the runs: the load average says what else was running
-    try:
+    setup_logging()
+
+    def bench(prepared: PreparedCase, host: dict) -> int:
         fmc = run_fmc(prepared, args.device, shlex.split(args.extra_args), args.timeout)
         published = run_published_child(
             prepared, args.device, args.window, args.overlap, args.global_size, args.timeout
@@ -68,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         return 0 if fmc["ok"] and published["ok"] else 1
-    finally:
-        if holder is not None:
-            holder.cleanup()
+
+    return run_benchmark(args, PROG, bench)
 
 
 if __name__ == "__main__":

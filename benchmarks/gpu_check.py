@@ -46,7 +46,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, DriverMemoryPoller, host_info
+from benchmarks.common import REPO, DriverMemoryPoller, host_info, require_device
+from fmc.signals import Interrupted, install_signal_handlers
 
 log = logging.getLogger("gpu_check")
 
@@ -862,12 +863,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_part is not None:
         settings = Settings(out, args.work.resolve(), args.device, args.quick, args.preset)
         return run_part(args.run_part, settings)
-    # SIGTERM (e.g. from `timeout`) as an exception, so the running part's process group is
-    # killed too: each part runs in a session of its own, which a signal to this one misses.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    work = (args.work or Path(tempfile.mkdtemp(prefix="fmc-gpu-check-"))).resolve()
-    settings = Settings(out, work, args.device, args.quick, args.preset)
-    return orchestrate(parts, settings, args.total_seconds, args.keep_work or args.work is not None)
+    require_device(args.device, "python -m benchmarks.gpu_check")
+    # SIGTERM (e.g. from `timeout`) and SIGINT as an exception, as in inference.py, so the running
+    # part's process group is killed too (each part runs in a session of its own, which a signal
+    # to this one misses) and the temporary work folder is removed.
+    install_signal_handlers()
+    try:
+        work = (args.work or Path(tempfile.mkdtemp(prefix="fmc-gpu-check-"))).resolve()
+        settings = Settings(out, work, args.device, args.quick, args.preset)
+        return orchestrate(parts, settings, args.total_seconds, args.keep_work or args.work is not None)
+    except Interrupted as stop:
+        log.error("stopped by %s: the parts done so far are in %s; exit code %d", stop, out, stop.exit_code)
+        return stop.exit_code
 
 
 if __name__ == "__main__":
