@@ -89,12 +89,66 @@ class HeldOutParams:
         return asdict(self)
 
 
-def draw_params(rng: np.random.Generator, channel: str, shape: Shape3) -> HeldOutParams:
+#: The degradation regimes (named as :data:`fmc.simulate.REGIMES`; this module shares no code
+#: with that one, so the names are repeated). "calibrated": views as close to the truth as the real
+#: data (docs/simulation.md, "Regimes"); "harsh": dim, deep, strongly blurred views.
+REGIMES = ("calibrated", "harsh")
+
+
+@dataclass(frozen=True)
+class ViewRanges:
+    """Uniform ranges of one view's degradation in a regime (photons log-uniform)."""
+
+    surface_axial_um: tuple[float, float]
+    axial_growth_um: tuple[float, float]  # deep minus surface Gaussian core
+    lateral_growth_um: tuple[float, float]
+    halo_surface: tuple[float, float]
+    halo_deep: tuple[float, float]
+    absorption_per_um: tuple[float, float]
+    bleach: tuple[float, float]
+    background: tuple[float, float]
+    photons: tuple[float, float]
+    read_noise: tuple[float, float]
+
+
+VIEW_RANGES: dict[str, ViewRanges] = {
+    "harsh": ViewRanges(
+        surface_axial_um=(1.0, 2.2),
+        axial_growth_um=(1.0, 3.0),
+        lateral_growth_um=(0.3, 1.0),
+        halo_surface=(0.05, 0.2),
+        halo_deep=(0.25, 0.6),
+        absorption_per_um=(0.005, 0.03),
+        bleach=(0.0, 0.35),
+        background=(0.01, 0.08),
+        photons=(40.0, 1500.0),
+        read_noise=(1.5, 6.0),
+    ),
+    "calibrated": ViewRanges(
+        surface_axial_um=(0.6, 1.2),
+        axial_growth_um=(0.2, 1.2),
+        lateral_growth_um=(0.02, 0.25),
+        halo_surface=(0.01, 0.06),
+        halo_deep=(0.04, 0.15),
+        absorption_per_um=(0.002, 0.008),
+        bleach=(0.0, 0.15),
+        background=(0.005, 0.03),
+        photons=(400.0, 6000.0),
+        read_noise=(1.0, 3.0),
+    ),
+}
+
+
+def draw_params(rng: np.random.Generator, channel: str, shape: Shape3, regime: str = "calibrated") -> HeldOutParams:
     """One random pair's parameters; ranges cover dim and bright, shallow and deep specimens.
 
     ``shape`` gives the lateral field and the most z planes: the planes cover a depth of 0.6-1.3
-    times the lateral field, so coarse z steps mean fewer planes, as in a real stack.
+    times the lateral field, so coarse z steps mean fewer planes, as in a real stack. The view's
+    degradation comes from :data:`VIEW_RANGES` of ``regime``.
     """
+    if regime not in VIEW_RANGES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    view = VIEW_RANGES[regime]
     spacings = _MEMBRANE_STUDY_SPACINGS if channel == "membrane" else _STUDY_SPACINGS
     if rng.random() < 0.7:
         spacing = spacings[int(rng.integers(len(spacings)))]
@@ -105,7 +159,7 @@ def draw_params(rng: np.random.Generator, channel: str, shape: Shape3) -> HeldOu
     planes = int(np.clip(round(depth_um / spacing[0]), 16, shape[0]))
     axial = float(rng.uniform(0.5, 0.9))
     lateral = float(rng.uniform(0.22, 0.35))
-    surface_ax = float(rng.uniform(1.0, 2.2))
+    surface_ax = max(axial, float(rng.uniform(*view.surface_axial_um)))
     return HeldOutParams(
         shape=(planes, int(shape[1]), int(shape[2])),
         spacing=spacing,
@@ -119,19 +173,19 @@ def draw_params(rng: np.random.Generator, channel: str, shape: Shape3) -> HeldOu
         fused_sigma_um=(axial, lateral, lateral),
         view_sigma_surface_um=(surface_ax, lateral + 0.05, lateral + 0.05),
         view_sigma_deep_um=(
-            surface_ax + float(rng.uniform(1.0, 3.0)),
-            lateral + float(rng.uniform(0.3, 1.0)),
-            lateral + float(rng.uniform(0.3, 1.0)),
+            surface_ax + float(rng.uniform(*view.axial_growth_um)),
+            lateral + float(rng.uniform(*view.lateral_growth_um)),
+            lateral + float(rng.uniform(*view.lateral_growth_um)),
         ),
-        halo_surface=float(rng.uniform(0.05, 0.2)),
-        halo_deep=float(rng.uniform(0.25, 0.6)),
+        halo_surface=float(rng.uniform(*view.halo_surface)),
+        halo_deep=float(rng.uniform(*view.halo_deep)),
         halo_width_um=float(rng.uniform(1.0, 4.0)),
-        absorption_per_um=float(rng.uniform(0.005, 0.03)),
+        absorption_per_um=float(rng.uniform(*view.absorption_per_um)),
         nucleus_absorption=float(rng.uniform(0.5, 2.0)),
-        bleach=float(rng.uniform(0.0, 0.35)),
-        background=float(rng.uniform(0.01, 0.08)),
-        photons=float(math.exp(rng.uniform(math.log(40), math.log(1500)))),
-        read_noise=float(rng.uniform(1.5, 6.0)),
+        bleach=float(rng.uniform(*view.bleach)),
+        background=float(rng.uniform(*view.background)),
+        photons=float(math.exp(rng.uniform(math.log(view.photons[0]), math.log(view.photons[1])))),
+        read_noise=float(rng.uniform(*view.read_noise)),
         offset=float(rng.choice([100.0, 100.0, 400.0])),
         illumination_from_end=bool(rng.random() < 0.5),
         detection_from_end=bool(rng.random() < 0.5),
@@ -362,17 +416,23 @@ def simulate_heldout_pair(params: HeldOutParams, seed: int) -> tuple[np.ndarray,
 
 
 def heldout_pair(
-    seed: int, index: int, channel: str, shape: Shape3
+    seed: int, index: int, channel: str, shape: Shape3, regime: str = "calibrated"
 ) -> tuple[np.ndarray, np.ndarray, HeldOutParams]:
     """Pair ``index`` of the stream ``seed``: independent of how many pairs are made."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 7]))
-    params = draw_params(rng, channel, shape)
+    params = draw_params(rng, channel, shape, regime)
     angle, fused = simulate_heldout_pair(params, int(rng.integers(2**63 - 1)))
     return angle, fused, params
 
 
 def write_heldout_dataset(
-    out: Path, n: int, channel: str, seed: int, shape: Shape3 = (64, 160, 160), first_id: int = 0
+    out: Path,
+    n: int,
+    channel: str,
+    seed: int,
+    shape: Shape3 = (64, 160, 160),
+    first_id: int = 0,
+    regime: str = "calibrated",
 ) -> list[Path]:
     """``image_{first_id + i}_{channel}_{angle|fused}.tif`` (ImageJ metadata) and the parameters as JSON.
 
@@ -386,14 +446,14 @@ def write_heldout_dataset(
     written: list[Path] = []
     for i in range(n):
         start = time.perf_counter()
-        angle, fused, params = heldout_pair(seed, i, channel, shape)
+        angle, fused, params = heldout_pair(seed, i, channel, shape, regime)
         stem = f"image_{first_id + i}_{channel}"
         for kind, volume in (("angle", angle), ("fused", fused)):
             path = out / f"{stem}_{kind}.tif"
             write_volume(path, volume, spacing=params.spacing, channel=channel, study=None, style="imagej")
             written.append(path)
         meta = out / f"{stem}_params.json"
-        meta.write_text(json.dumps({"family": "heldout", **params.to_dict()}, indent=1))
+        meta.write_text(json.dumps({"family": "heldout", "regime": regime, **params.to_dict()}, indent=1))
         written.append(meta)
         log.info(
             "held-out pair %d/%d %s: spacing %s, %.2f s",
@@ -431,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--first-id", type=int, default=0, help="image id of the first pair (file names only)"
     )
+    parser.add_argument(
+        "--regime",
+        choices=REGIMES,
+        default="calibrated",
+        help="calibrated: views as close to the truth as the real data; harsh: dim, deep, blurred views",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
     if args.n < 1 or min(args.shape) < 1:
@@ -439,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     start = time.perf_counter()
-    paths = write_heldout_dataset(args.out, args.n, args.channel, args.seed, tuple(args.shape), args.first_id)
+    paths = write_heldout_dataset(
+        args.out, args.n, args.channel, args.seed, tuple(args.shape), args.first_id, args.regime
+    )
     print(f"wrote {len(paths)} files to {args.out} ({(time.perf_counter() - start) / args.n:.2f} s per pair)")
     return 0
 
