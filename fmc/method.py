@@ -58,10 +58,12 @@ class MethodSettings:
     # Step 2's input channels by name; () for cards that predate the list: see step2_channels.
     step2_inputs: tuple[str, ...] = ()
     # The native-grid output (docs/inference.md, "Output"): the change predicted at 0.6 um is
-    # added to the native input. native_detail: how much of the input's detail finer than the
-    # 0.6 um grid the output keeps (1: all of it; 0: none, the input's 0.6 um round trip).
+    # added to the native input. How much of the input's detail finer than the 0.6 um grid is
+    # kept, per case (fmc.native_detail): clip(native_detail - detail_noise_weight * noise share
+    # of that detail, 0, 1); 1 and 0: all of it, untouched; native_detail 0: the 0.6 um round trip.
     native_detail: float = 1.0
-    # The safeguard: the whole change is scaled by this before it is added (1: all; 0: the input).
+    detail_noise_weight: float = 0.0
+    # The safeguard: the networks' change is scaled by this before it is added (1: all; 0: none).
     change_strength: float = 1.0
 
     def __post_init__(self) -> None:
@@ -76,10 +78,10 @@ class MethodSettings:
             raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
         if self.max_filter < 1 or self.max_filter % 2 == 0:
             raise ValueError(f"max_filter must be odd and >= 1, got {self.max_filter}")
-        for name in ("native_detail", "change_strength"):
+        for name, top in (("native_detail", 1.0), ("change_strength", 1.0), ("detail_noise_weight", 4.0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= top:
+                raise ValueError(f"{name} must be a number in [0, {top:g}], got {value!r}")
         if self.global_size < 8 or self.patch < 8:
             raise ValueError(f"global_size and patch must be >= 8, got {self.global_size} and {self.patch}")
 

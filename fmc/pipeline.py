@@ -29,6 +29,7 @@ from fmc.difference_weighting import difference_weighting_, released_difference_
 from fmc.distance import coarse_distance_channel
 from fmc.memory import high_water_gib
 from fmc.method import TARGET_SPACING_UM, MethodSettings, check_step2_inputs
+from fmc.native_detail import native_detail_gain
 from fmc.normalization import to_input_range_uint16
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.safeguards import (
@@ -56,6 +57,7 @@ class PipelineConfig:
     max_filter: int | None = None  # the paper form's max filter; None: the card's
     step1_mode: str | None = None  # "output" | "correction"; None: the card's
     native_detail: float | None = None  # share of the input's sub-0.6 um detail kept; None: the card's
+    detail_noise_weight: float | None = None  # how much that share drops with its noise; None: the card's
     change_strength: float | None = None  # the safeguard's scale of the change; None: the card's
     tta: bool = False
     global_size: int | None = None  # None: what the step-1 model was trained at (card)
@@ -100,6 +102,7 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
         "global_size": config.global_size,
         "step1_mode": config.step1_mode,
         "native_detail": config.native_detail,
+        "detail_noise_weight": config.detail_noise_weight,
         "change_strength": config.change_strength,
     }
     stored = _stored_settings(models)
@@ -190,6 +193,7 @@ class FusionPipeline:
         log.info("method settings: %s", self.settings.describe(self.settings_sources))
         self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
         self.step2_decisions: list[str] = []  # the planner's choice and the deadline's stand-ins, last run()
+        self.detail_gain = 1.0  # the share of the input's sub-0.6 um detail the last run() kept
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
                 "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
@@ -272,8 +276,34 @@ class FusionPipeline:
             )
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             with self._timed(timings, "resample_out", dev):
-                result = add_change_on_native_grid(volume, iso, prediction, bounds, self.settings, out)
+                detail = self._detail_gain(volume, iso, bounds, spacing, self.settings)
+                result = add_change_on_native_grid(
+                    volume, iso, prediction, bounds, detail, self.settings.change_strength, out
+                )
         return result, timings
+
+    def _detail_gain(
+        self,
+        volume: np.ndarray,
+        iso: torch.Tensor,
+        bounds: tuple[float, float],
+        spacing: tuple[float, float, float],
+        settings: MethodSettings,
+    ) -> float:
+        """The share of the input's sub-0.6 um detail this case keeps (:mod:`fmc.native_detail`)."""
+        gain = native_detail_gain(
+            volume,
+            iso,
+            bounds,
+            spacing,
+            self.config.target_spacing,
+            settings.native_detail,
+            settings.detail_noise_weight,
+        )
+        self.detail_gain = gain
+        if settings.detail_noise_weight > 0:
+            log.info("native detail kept: %.2f of the input's detail finer than the 0.6 um grid", gain)
+        return gain
 
     def run_each_dw(
         self, volume: np.ndarray, spacing: tuple[float, float, float], forms: tuple[str, ...]
@@ -300,9 +330,17 @@ class FusionPipeline:
                 volume, spacing, self.device, self.config.target_spacing, self._timed, timings
             )
             before = self.predict_before_dw(iso, timings)
+            gains: dict[tuple[float, float], float] = {}
             for settings in variants:
+                key = (settings.native_detail, settings.detail_noise_weight)
+                if key not in gains:
+                    gains[key] = self._detail_gain(volume, iso, bounds, spacing, settings)
                 prediction = weigh_differences(iso, before.clone(), settings)
-                results.append(add_change_on_native_grid(volume, iso, prediction, bounds, settings))
+                results.append(
+                    add_change_on_native_grid(
+                        volume, iso, prediction, bounds, gains[key], settings.change_strength
+                    )
+                )
         return results
 
     @torch.inference_mode()  # also when training's validation calls it under no_grad only
@@ -535,17 +573,21 @@ def add_change_on_native_grid(
     iso: torch.Tensor,
     prediction: torch.Tensor,
     bounds: tuple[float, float],
-    settings: MethodSettings,
+    detail: float = 1.0,
+    strength: float = 1.0,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The method's last step: the change the networks made at 0.6 um (``prediction - iso``),
     brought to the input's grid and added to the native input; the input's range, uint16.
 
     Why not resample the prediction itself: that passes the input through the 0.6 um round trip,
-    which throws away its detail finer than 0.6 um (the studies have 0.195-0.39 um pixels). With
-    ``native_detail`` g and ``change_strength`` s, per voxel (normalized units, ``up`` the
-    resampling to the native grid): ``N + s * (up(P - I) - (1 - g) * (N - up(I)))``; g = 0
-    gives the round trip ``up(P)``. A change of exactly zero returns the input bit for bit.
+    which throws away its detail finer than 0.6 um (the studies have 0.195-0.39 um pixels). Per
+    voxel, in normalized units, with ``up`` the resampling to the native grid, the native input N
+    and the 0.6 um input I: ``N + strength * up(P - I) - (1 - detail) * (N - up(I))``. ``detail``
+    is the share of the input's own finer detail kept (:mod:`fmc.native_detail`; 0: the round
+    trip), ``strength`` the safeguard's trust in the networks' change. A change of exactly zero
+    with ``detail`` 1 returns the input bit for bit.
+
     The native input is read from the host one slab at a time (the device holds no copy of it
     through the networks: 2.1 GiB for study 5). ``prediction`` is overwritten; ``out`` may be
     ``volume`` itself (each slab is read before it is written).
@@ -554,19 +596,19 @@ def add_change_on_native_grid(
     span = _span(lo, hi)
     shape = tuple(int(n) for n in volume.shape)
     result = np.empty(shape, dtype=np.uint16) if out is None else out
-    detail_dropped = 1.0 - float(settings.native_detail)
-    strength = float(settings.change_strength)
+    dropped = 1.0 - float(detail)
     change = prediction.sub_(iso)
-    round_trip = resample_slabs(iso, shape) if detail_dropped > 0 else None
+    round_trip = resample_slabs(iso, shape) if dropped > 0 else None
     for z0, slab in resample_slabs(change, shape):
         z1 = z0 + slab.shape[0]
         planes = np.array(volume[z0:z1], dtype=np.float32)  # a copy: the input stays as it is
         native = torch.from_numpy(planes).to(slab.device).sub_(lo).div_(span)
+        update = slab * float(strength)
         if round_trip is not None:
             z_iso, iso_slab = next(round_trip)
             assert z_iso == z0, "the two resamplings must share their slabs"
-            slab = slab - detail_dropped * (native - iso_slab)
-        native.add_(slab, alpha=strength)
+            update.sub_(native - iso_slab, alpha=dropped)
+        native.add_(update)
         result[z0:z1] = to_input_range_uint16(native, lo, hi)
     return result
 
