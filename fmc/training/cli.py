@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the quality table (README, model card): baselines and model variants per channel and family",
         description=(
             "Score the baselines (identity, gaussian, gaussian-tuned, resample) and the model's variants "
-            "(step 1, two steps, each DW form) on one or more folders of pairs, e.g. the training family "
-            "and the held-out family. Writes cases.csv and table.md: mean (worst case) N_SSIM."
+            "(step 1, two steps, each DW form, the safeguard and the native detail on and off) on one or "
+            "more folders of pairs, e.g. each regime's training and held-out families. Writes cases.csv "
+            "and table.md: mean (worst case) N_SSIM, and SSIM(input, fused) per column."
         ),
         formatter_class=fmt,
     )

@@ -1,10 +1,12 @@
 """``train.py table``: the one quality table of the README and the model card, from exported weights.
 
 Rows are methods, the baselines of :mod:`fmc.baselines` first, then the model's variants run
-through the real pipeline (step 1 alone, two steps, each DW form); columns are channel x data
-family (say, the training family and the held-out family). Each cell is the mean N_SSIM and, in
-brackets, the worst case: the metric is dominated by outliers, so a method must not sink one case.
-Baselines are computed once per case and shared by every variant.
+through the real pipeline (step 1 alone, two steps, each DW form, the safeguard and the native
+detail on and off); columns are channel x data family (say, each regime's training and held-out
+families). Each cell is the mean N_SSIM and, in brackets, the worst case: the metric is dominated
+by outliers, so a method must not sink one case. A first line gives SSIM(input, fused), mean
+(range), per column: how close the inputs already were. Baselines are computed once per case and
+shared by every variant.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ import torch
 from fmc.baselines import BASELINES, baseline_prediction, sigma_of_models
 from fmc.infer import labelled_projections, mip_projections
 from fmc.io import read_case
-from fmc.metrics import n_ssim
+from fmc.method import MethodSettings
+from fmc.metrics import n_ssim, ssim_scores
 from fmc.pipeline import FusionPipeline
 from fmc.training.evaluate import pipeline_config_for
 from fmc.training.pairs import find_pairs, reconcile
@@ -32,19 +35,31 @@ from fmc.weights import discover_models
 log = logging.getLogger(__name__)
 
 
+#: The row of SSIM(input, fused) per column.
+INPUT_SSIM = "SSIM(input, fused)"
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One way to run the model: which steps, which DW form."""
+    """One way to run the model: which steps, and settings that act after the networks (the DW
+    form, the safeguard, the native detail) in place of the card's."""
 
     name: str
     step2: bool
     dw: str
+    overrides: tuple[tuple[str, float], ...] = ()
+
+    def settings(self, card: MethodSettings) -> MethodSettings:
+        return replace(card, difference_weighting=self.dw, **dict(self.overrides))
 
 
 VARIANTS = (
     Variant("step 1", False, "none"),
     Variant("step 1 + DW (paper)", False, "paper"),
     Variant("two steps", True, "none"),
+    Variant("two steps, safeguard off", True, "none", (("change_strength", 1.0),)),
+    Variant("two steps, all native detail kept", True, "none", (("detail_noise_weight", 0.0),)),
+    Variant("two steps, through the 0.6 um round trip", True, "none", (("native_detail", 0.0),)),
     Variant("two steps + DW (paper)", True, "paper"),
     Variant("two steps + DW (released)", True, "released"),
 )
@@ -72,7 +87,7 @@ def score_family(
     ``weights`` gives every variant; each of ``extra`` (label -> weights root) adds its two-step
     variants as rows named ``label: ...`` (other training runs beside the same baselines). The
     networks run once per (weights, steps) and case; the DW forms reuse that pass
-    (:meth:`FusionPipeline.run_each_dw`, the bytes of a full run with that form). ``previews``
+    (:meth:`FusionPipeline.run_each_setting`, the bytes of a full run with those settings). ``previews``
     (case id -> PNG path): labelled MIPs of those cases, input | each weights' two steps | target,
     for what N_SSIM does not show (fine detail).
     """
@@ -90,7 +105,9 @@ def score_family(
         sigma = None
         for label, root in sources.items():
             for step2 in (False, True):
-                variants = [v for v in VARIANTS if v.step2 == step2 and (step2 or not label)]
+                variants = [
+                    v for v in VARIANTS if v.step2 == step2 and (not label or (step2 and not v.overrides))
+                ]
                 if not variants:
                     continue
                 key = (pair.channel, label, step2)
@@ -99,19 +116,21 @@ def score_family(
                     if models.step1 is None and not step2:  # patch only: there is no step-1 row
                         pipelines[key] = None
                         continue
-                    config = pipeline_config_for(models, overlap, 2, False, device, "none", step2)
+                    config = pipeline_config_for(models, overlap, 2, False, device, None, step2)
                     pipelines[key] = FusionPipeline(models, config, device)
                 pipeline = pipelines[key]
                 if pipeline is None:
                     continue
                 if not label:
                     sigma = sigma_of_models((pipeline.step2_model, pipeline.step1_model), pair.channel)
-                outputs = pipeline.run_each_dw(inp, spacing, tuple(v.dw for v in variants))
-                for variant in variants:
+                settings = [variant.settings(pipeline.settings) for variant in variants]
+                outputs = pipeline.run_each_setting(inp, spacing, settings)
+                for variant, output in zip(variants, outputs, strict=True):
                     name = variant_name(label, variant, pipeline.step1_model is not None)
-                    scores[name] = n_ssim(outputs[variant.dw], gt, inp)
-                    if preview and step2 and variant.dw == "none":
-                        columns.append((name, mip_projections(outputs["none"])))
+                    scores[name] = n_ssim(output, gt, inp)
+                    if preview and step2 and variant.dw == "none" and not variant.overrides:
+                        columns.append((name, mip_projections(output)))
+        scores[INPUT_SSIM] = ssim_scores(inp, gt, inp).ssim_input
         for name in BASELINES:
             if name == "gaussian-tuned" and sigma is None:
                 continue
@@ -128,7 +147,7 @@ def score_family(
                     "case": pair.case_id,
                     "channel": pair.channel,
                     "method": method,
-                    "n_ssim": value,
+                    "value": value,
                 }
             )
         log.info(
@@ -142,9 +161,11 @@ def score_family(
 
 
 def markdown(rows: list[dict]) -> str:
-    """Methods down, (channel, family) across; 'mean (worst)' per cell."""
+    """Methods down, (channel, family) across; 'mean (worst)' per cell, and a first line of
+    SSIM(input, fused) as 'mean (lowest-highest)'."""
     seen = list(dict.fromkeys(r["method"] for r in rows))
-    methods = [m for m in BASELINES if m in seen] + [m for m in seen if m not in BASELINES]
+    first = [INPUT_SSIM, *BASELINES]
+    methods = [m for m in first if m in seen] + [m for m in seen if m not in first]
     columns = sorted({(r["channel"], r["family"]) for r in rows}, key=lambda c: (c[0] != "nucleus", c[1]))
     head = "| method | " + " | ".join(f"{ch} {fam} (n={_count(rows, ch, fam)})" for ch, fam in columns) + " |"
     lines = [head, "|---|" + "---|" * len(columns)]
@@ -152,11 +173,16 @@ def markdown(rows: list[dict]) -> str:
         cells = []
         for channel, family in columns:
             values = [
-                r["n_ssim"]
+                r["value"]
                 for r in rows
                 if (r["method"], r["channel"], r["family"]) == (method, channel, family)
             ]
-            cells.append(f"{np.mean(values):+.3f} ({np.min(values):+.3f})" if values else "n/a")
+            if not values:
+                cells.append("n/a")
+            elif method == INPUT_SSIM:
+                cells.append(f"{np.mean(values):.2f} ({np.min(values):.2f}-{np.max(values):.2f})")
+            else:
+                cells.append(f"{np.mean(values):+.3f} ({np.min(values):+.3f})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -166,12 +192,15 @@ def _count(rows: list[dict], channel: str, family: str) -> int:
 
 
 def write(out: Path, rows: list[dict]) -> str:
-    """cases.csv (every score) and table.md; returns the markdown."""
+    """cases.csv (every score: N_SSIM, or SSIM(input, fused) in its own rows) and table.md; returns
+    the markdown."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "cases.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["family", "case", "channel", "method", "n_ssim"])
+        writer = csv.DictWriter(handle, fieldnames=["family", "case", "channel", "method", "value"])
         writer.writeheader()
-        writer.writerows({**r, "n_ssim": f"{r['n_ssim']:.6f}"} for r in rows if math.isfinite(r["n_ssim"]))
+        writer.writerows({**r, "value": f"{r['value']:.6f}"} for r in rows if math.isfinite(r["value"]))
     table = markdown(rows)
-    (out / "table.md").write_text("N_SSIM: mean (worst case) over cases\n\n" + table)
+    (out / "table.md").write_text(
+        f"N_SSIM: mean (worst case) over cases; {INPUT_SSIM}: mean (range)\n\n" + table
+    )
     return table

@@ -180,8 +180,9 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
     assert "| method | nucleus held-out (n=1) |" in table
     with open(out / "cases.csv") as handle:
         rows = list(csv.DictReader(handle))
-    methods = {r["method"]: float(r["n_ssim"]) for r in rows}
+    methods = {r["method"]: float(r["value"]) for r in rows}
     assert set(methods) == {
+        "SSIM(input, fused)",
         "identity",
         "gaussian",
         "gaussian-tuned",
@@ -189,6 +190,9 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
         "step 1",
         "step 1 + DW (paper)",
         "two steps",
+        "two steps, safeguard off",
+        "two steps, all native detail kept",
+        "two steps, through the 0.6 um round trip",
         "two steps + DW (paper)",
         "two steps + DW (released)",
         "again: two steps",
