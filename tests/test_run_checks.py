@@ -179,10 +179,14 @@ def test_a_preview_that_fails_at_its_write_never_fails_its_case(tmp_path, tiny_w
     _no_traceback(caplog)
 
 
-def test_previews_of_a_tif_and_a_tiff_do_not_collide(tmp_path):
-    cases = [tmp_path / "a.tif", tmp_path / "a.tiff", tmp_path / "b.tif"]
-    names = {case.name: path.name for case, path in preview_paths(cases, tmp_path).items()}
-    assert names == {"a.tif": "a_tif_preview.png", "a.tiff": "a_tiff_preview.png", "b.tif": "b_preview.png"}
+def test_previews_of_a_tif_and_a_tiff_do_not_collide(tmp_path, tiny_weights):
+    for name in ("a.tif", "a.tiff"):
+        _case(tmp_path / "in", name)
+    assert main(inference_args(tmp_path / "in", tmp_path / "out", tiny_weights, "--preview")) == 0
+    previews = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert previews == ["a_tif_preview.png", "a_tiff_preview.png"]
+    alone = preview_paths([tmp_path / "a.tif", tmp_path / "b.tif"], tmp_path).values()
+    assert [path.name for path in alone] == ["a_preview.png", "b_preview.png"]
 
 
 # ------------------------------------------------------------------ J: stop signals
