@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from fmc import infer
-from fmc.baselines import baseline_prediction, sigma_of_models
+from fmc.baselines import BASELINES, baseline_prediction, sigma_of_models
 from fmc.cli_help import DefaultsHelpFormatter
 from fmc.io import read_case
-from fmc.metrics import n_ssim
+from fmc.metrics import n_ssim, ssim_scores
 from fmc.simulate import make_sample_case
 from fmc.weights import WeightsError, discover_models
 
@@ -76,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         channel = inp.meta.channel
         scores = {"model": n_ssim(pred, gt, inp.volume)}
         sigma = _tuned_sigma(args.weights, channel, inp.meta.study)
-        for name in ("gaussian", "gaussian-tuned", "resample"):
+        for name in BASELINES:
             if name == "gaussian-tuned" and sigma is None:
                 continue
             guess = baseline_prediction(name, inp.volume, channel, inp.meta.spacing, sigma)
             scores[name] = n_ssim(guess, gt, inp.volume)
-        print(f"{angle.name}: N_SSIM " + "  ".join(f"{k}={v:+.4f}" for k, v in scores.items()))
+        closeness = ssim_scores(inp.volume, gt, inp.volume).ssim_input
+        print(
+            f"{angle.name}: SSIM(input, fused) {closeness:.3f}; N_SSIM "
+            + "  ".join(f"{k}={v:+.4f}" for k, v in scores.items())
+        )
     print(f"outputs and previews in {output_dir}")
     return 0
 

@@ -11,6 +11,7 @@ def test_sample_runs_end_to_end_and_prints_scores(tmp_path, capsys, tiny_weights
     assert main(["--workdir", str(tmp_path / "s"), "--device", "cpu", "--weights", str(weights)]) == 0
     printed = capsys.readouterr().out
     assert "N_SSIM model=" in printed and "gaussian=" in printed and "resample=" in printed
+    assert "identity=+0.0000" in printed and "SSIM(input, fused) 0." in printed
     [angle] = sorted((tmp_path / "s" / INPUT_LAYOUT).glob("*.tif"))
     assert ground_truth_path(angle).exists()
     fused = read_case(tmp_path / "s" / OUTPUT_LAYOUT / angle.name).volume
