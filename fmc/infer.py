@@ -590,6 +590,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="max-filter size of the paper DW form (odd; 1 = off; default: the model card's, else 3)",
     )
+    parser.add_argument(
+        "--change-strength",
+        type=float,
+        default=None,
+        help="the safeguard: share of the networks' change added to the input, 0-1 (default: the model card's)",
+    )
+    parser.add_argument(
+        "--native-detail",
+        type=float,
+        default=None,
+        help="share of the input's detail finer than 0.6 um kept before its noise is weighed, 0-1; "
+        "0 = the 0.6 um round trip (default: the model card's, else 1)",
+    )
+    parser.add_argument(
+        "--detail-noise-weight",
+        type=float,
+        default=None,
+        help="how fast that share falls with the detail's estimated noise; 0 = a fixed share "
+        "(default: the model card's, else 0)",
+    )
     parser.add_argument("--no-step1", action="store_true", help="skip step 1, the global pass (ablation)")
     parser.add_argument("--no-step2", action="store_true", help="skip the patch step (ablation)")
     parser.add_argument("--no-dw", action="store_true", help="skip difference weighting (same as --dw none)")
@@ -631,6 +651,13 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         raise SystemExit(f"--no-dw contradicts --dw {args.dw}")
     if args.max_filter is not None and (args.max_filter < 1 or args.max_filter % 2 == 0):
         raise SystemExit(f"--max-filter must be odd and >= 1, got {args.max_filter}")
+    for flag, value, top in (
+        ("--change-strength", args.change_strength, 1.0),
+        ("--native-detail", args.native_detail, 1.0),
+        ("--detail-noise-weight", args.detail_noise_weight, 4.0),
+    ):
+        if value is not None and not 0.0 <= value <= top:
+            raise SystemExit(f"{flag} must be in [0, {top:g}], got {value}")
     if args.autocast != "none" and args.precision not in ("auto", args.autocast):
         raise SystemExit(f"--autocast {args.autocast} contradicts --precision {args.precision}")
     tiling = TilingConfig(patch=(args.patch or DEFAULT_PATCH,) * 3, overlap=args.overlap, batch=args.batch)
@@ -645,6 +672,9 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         step2=not args.no_step2,
         difference_weighting="none" if args.no_dw else args.dw,
         max_filter=args.max_filter,
+        native_detail=args.native_detail,
+        detail_noise_weight=args.detail_noise_weight,
+        change_strength=args.change_strength,
         tta=args.tta,
         global_size=args.global_size,
         tiling=tiling,
