@@ -63,6 +63,8 @@ class MethodSettings:
     # of that detail, 0, 1); 1 and 0: all of it, untouched; native_detail 0: the 0.6 um round trip.
     native_detail: float = 1.0
     detail_noise_weight: float = 0.0
+    # In-plane Gaussian sigma (input voxels) on the native input before its detail is weighed; 0: none.
+    detail_sigma: float = 0.0
     # The safeguard: the networks' change is scaled by this before it is added (1: all; 0: none).
     change_strength: float = 1.0
 
@@ -78,7 +80,12 @@ class MethodSettings:
             raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
         if self.max_filter < 1 or self.max_filter % 2 == 0:
             raise ValueError(f"max_filter must be odd and >= 1, got {self.max_filter}")
-        for name, top in (("native_detail", 1.0), ("change_strength", 1.0), ("detail_noise_weight", 4.0)):
+        for name, top in (
+            ("native_detail", 1.0),
+            ("change_strength", 1.0),
+            ("detail_noise_weight", 4.0),
+            ("detail_sigma", 3.0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= top:
                 raise ValueError(f"{name} must be a number in [0, {top:g}], got {value!r}")

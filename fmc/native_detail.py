@@ -1,4 +1,4 @@
-"""How much of the input's own detail finer than the 0.6 um grid the output keeps: one gain per case.
+"""How the native input enters the output: smoothed in plane, and its sub-0.6 um detail kept with one gain per case.
 
 Why: the output is the native input plus the change the networks made at 0.6 um
 (:func:`fmc.pipeline.add_change_on_native_grid`), so the input's detail finer than 0.6 um (its
@@ -14,20 +14,51 @@ where the noise power comes from the view itself: the mean squared pseudo-residu
 linear signal; structure adds to it, so rho errs towards dropping detail), times the share of
 white noise that survives into the high band, measured by sending white noise through the same
 round trip. ``noise_weight`` 0 gives the fixed share ``native_detail`` (1: the input's detail,
-untouched). The card's value of ``noise_weight`` is fitted on validation pairs.
+untouched). Before that, the native input may be smoothed in plane by a small Gaussian
+(``detail_sigma`` voxels: a view's noise is white per pixel); the band is then that smoothed
+input minus the round trip, and the noise share is measured through the same two operations.
+The card's values are fitted on validation pairs (:mod:`fmc.training.safeguard_fit`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fmc.resample import isotropic_shape, resample_slabs, resample_to_shape
 
 #: Largest white-noise probe (Z, Y, X): enough voxels for a steady figure, little time.
 PROBE_SHAPE = (16, 160, 160)
+
+
+@dataclass(frozen=True)
+class NativeDetail:
+    """What one case's output takes from its native input: ``smooth(N) * gain + up(I) * (1 - gain)``."""
+
+    sigma: float = 0.0  # in-plane Gaussian sigma (input voxels) applied to the native input
+    gain: float = 1.0  # share of the (smoothed) input's detail finer than the 0.6 um grid kept
+
+
+def smooth_in_plane(planes: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A Gaussian blur along y and x of (Z, Y, X) planes (reflected borders); ``sigma`` 0: the planes."""
+    if sigma <= 0:
+        return planes
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=planes.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = planes[:, None]
+    for dim in (2, 3):
+        if out.shape[dim] <= radius:
+            continue  # too thin to reflect: leave that axis
+        pad = (radius, radius, 0, 0) if dim == 3 else (0, 0, radius, radius)
+        weights = kernel.view(1, 1, 1, -1) if dim == 3 else kernel.view(1, 1, -1, 1)
+        out = F.conv2d(F.pad(out, pad, mode="reflect"), weights)
+    return out[:, 0]
 
 
 def pseudo_residual_power(planes: torch.Tensor) -> float:
@@ -40,19 +71,22 @@ def pseudo_residual_power(planes: torch.Tensor) -> float:
 
 
 def high_band_noise_share(
-    shape: tuple[int, int, int], spacing: tuple[float, float, float], target_spacing: float
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    target_spacing: float,
+    sigma: float = 0.0,
 ) -> float:
-    """The share of white noise's variance left in ``N - up(down(N))`` for this grid (seeded, so
-    the same grid gives the same figure)."""
+    """The share of white noise's variance left in ``smooth(N) - up(down(N))`` for this grid
+    (seeded, so the same grid gives the same figure)."""
     probe = tuple(min(n, p) for n, p in zip(shape, PROBE_SHAPE, strict=True))
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(probe, generator=generator)
     small = resample_to_shape(noise, isotropic_shape(probe, spacing, target_spacing))
     back = resample_to_shape(small, probe)
-    return float((noise - back).square().mean())
+    return float((smooth_in_plane(noise, sigma) - back).square().mean())
 
 
-def native_detail_gain(
+def plan_native_detail(
     volume: np.ndarray,
     iso: torch.Tensor,
     bounds: tuple[float, float],
@@ -60,11 +94,12 @@ def native_detail_gain(
     target_spacing: float,
     native_detail: float,
     noise_weight: float,
-) -> float:
-    """The case's gain g on its high band (module docstring); ``native_detail`` when
+    sigma: float = 0.0,
+) -> NativeDetail:
+    """The case's smoothing and gain (module docstring); the gain is ``native_detail`` when
     ``noise_weight`` is 0, without reading the volume."""
     if noise_weight == 0:
-        return float(native_detail)
+        return NativeDetail(sigma, float(native_detail))
     lo, hi = bounds
     span = hi - lo if hi > lo else 1.0
     shape = tuple(int(n) for n in volume.shape)
@@ -74,11 +109,11 @@ def native_detail_gain(
         native = torch.from_numpy(np.array(volume[z0:z1], dtype=np.float32)).to(round_trip.device)
         native.sub_(lo).div_(span)
         count = native.numel()
-        band_power += float((native - round_trip).square().mean()) * count
+        band_power += float((smooth_in_plane(native, sigma) - round_trip).square().mean()) * count
         noise_power += pseudo_residual_power(native) * count
         voxels += count
     if voxels == 0 or band_power <= 0:
-        return float(native_detail)
-    share = high_band_noise_share(shape, spacing, target_spacing)  # type: ignore[arg-type]
+        return NativeDetail(sigma, float(native_detail))
+    share = high_band_noise_share(shape, spacing, target_spacing, sigma)  # type: ignore[arg-type]
     rho = share * noise_power / band_power
-    return float(min(1.0, max(0.0, native_detail - noise_weight * rho)))
+    return NativeDetail(sigma, float(min(1.0, max(0.0, native_detail - noise_weight * rho))))

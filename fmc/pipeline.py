@@ -29,7 +29,7 @@ from fmc.difference_weighting import difference_weighting_, released_difference_
 from fmc.distance import coarse_distance_channel
 from fmc.memory import high_water_gib
 from fmc.method import TARGET_SPACING_UM, MethodSettings, check_step2_inputs
-from fmc.native_detail import native_detail_gain
+from fmc.native_detail import NativeDetail, plan_native_detail, smooth_in_plane
 from fmc.normalization import to_input_range_uint16
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.safeguards import (
@@ -58,6 +58,7 @@ class PipelineConfig:
     step1_mode: str | None = None  # "output" | "correction"; None: the card's
     native_detail: float | None = None  # share of the input's sub-0.6 um detail kept; None: the card's
     detail_noise_weight: float | None = None  # how much that share drops with its noise; None: the card's
+    detail_sigma: float | None = None  # in-plane smoothing of the native input (voxels); None: the card's
     change_strength: float | None = None  # the safeguard's scale of the change; None: the card's
     tta: bool = False
     global_size: int | None = None  # None: what the step-1 model was trained at (card)
@@ -103,6 +104,7 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
         "step1_mode": config.step1_mode,
         "native_detail": config.native_detail,
         "detail_noise_weight": config.detail_noise_weight,
+        "detail_sigma": config.detail_sigma,
         "change_strength": config.change_strength,
     }
     stored = _stored_settings(models)
@@ -193,7 +195,7 @@ class FusionPipeline:
         log.info("method settings: %s", self.settings.describe(self.settings_sources))
         self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
         self.step2_decisions: list[str] = []  # the planner's choice and the deadline's stand-ins, last run()
-        self.detail_gain = 1.0  # the share of the input's sub-0.6 um detail the last run() kept
+        self.native_detail = NativeDetail()  # how the last run() took the native input
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
                 "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
@@ -289,9 +291,9 @@ class FusionPipeline:
         bounds: tuple[float, float],
         spacing: tuple[float, float, float],
         settings: MethodSettings,
-    ) -> float:
-        """The share of the input's sub-0.6 um detail this case keeps (:mod:`fmc.native_detail`)."""
-        gain = native_detail_gain(
+    ) -> NativeDetail:
+        """How this case's native input enters its output (:mod:`fmc.native_detail`)."""
+        detail = plan_native_detail(
             volume,
             iso,
             bounds,
@@ -299,11 +301,17 @@ class FusionPipeline:
             self.config.target_spacing,
             settings.native_detail,
             settings.detail_noise_weight,
+            settings.detail_sigma,
         )
-        self.detail_gain = gain
+        self.native_detail = detail
         if settings.detail_noise_weight > 0:
-            log.info("native detail kept: %.2f of the input's detail finer than the 0.6 um grid", gain)
-        return gain
+            log.info(
+                "native detail kept: %.2f of the input's detail finer than the 0.6 um grid "
+                "(in-plane smoothing sigma %g voxels)",
+                detail.gain,
+                detail.sigma,
+            )
+        return detail
 
     def run_each_dw(
         self, volume: np.ndarray, spacing: tuple[float, float, float], forms: tuple[str, ...]
@@ -330,9 +338,9 @@ class FusionPipeline:
                 volume, spacing, self.device, self.config.target_spacing, self._timed, timings
             )
             before = self.predict_before_dw(iso, timings)
-            gains: dict[tuple[float, float], float] = {}
+            gains: dict[tuple[float, float, float], NativeDetail] = {}
             for settings in variants:
-                key = (settings.native_detail, settings.detail_noise_weight)
+                key = (settings.native_detail, settings.detail_noise_weight, settings.detail_sigma)
                 if key not in gains:
                     gains[key] = self._detail_gain(volume, iso, bounds, spacing, settings)
                 prediction = weigh_differences(iso, before.clone(), settings)
@@ -573,7 +581,7 @@ def add_change_on_native_grid(
     iso: torch.Tensor,
     prediction: torch.Tensor,
     bounds: tuple[float, float],
-    detail: float = 1.0,
+    detail: NativeDetail = NativeDetail(),
     strength: float = 1.0,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -583,10 +591,11 @@ def add_change_on_native_grid(
     Why not resample the prediction itself: that passes the input through the 0.6 um round trip,
     which throws away its detail finer than 0.6 um (the studies have 0.195-0.39 um pixels). Per
     voxel, in normalized units, with ``up`` the resampling to the native grid, the native input N
-    and the 0.6 um input I: ``N + strength * up(P - I) - (1 - detail) * (N - up(I))``. ``detail``
-    is the share of the input's own finer detail kept (:mod:`fmc.native_detail`; 0: the round
-    trip), ``strength`` the safeguard's trust in the networks' change. A change of exactly zero
-    with ``detail`` 1 returns the input bit for bit.
+    (smoothed in plane by ``detail.sigma``) and the 0.6 um input I:
+    ``N + strength * up(P - I) - (1 - detail.gain) * (N - up(I))``. ``detail.gain`` is the share
+    of the input's own finer detail kept (:mod:`fmc.native_detail`; 0: the round trip),
+    ``strength`` the safeguard's trust in the networks' change. A change of exactly zero with
+    the default ``detail`` (no smoothing, gain 1) returns the input bit for bit.
 
     The native input is read from the host one slab at a time (the device holds no copy of it
     through the networks: 2.1 GiB for study 5). ``prediction`` is overwritten; ``out`` may be
@@ -596,13 +605,13 @@ def add_change_on_native_grid(
     span = _span(lo, hi)
     shape = tuple(int(n) for n in volume.shape)
     result = np.empty(shape, dtype=np.uint16) if out is None else out
-    dropped = 1.0 - float(detail)
+    dropped = 1.0 - float(detail.gain)
     change = prediction.sub_(iso)
     round_trip = resample_slabs(iso, shape) if dropped > 0 else None
     for z0, slab in resample_slabs(change, shape):
         z1 = z0 + slab.shape[0]
         planes = np.array(volume[z0:z1], dtype=np.float32)  # a copy: the input stays as it is
-        native = torch.from_numpy(planes).to(slab.device).sub_(lo).div_(span)
+        native = smooth_in_plane(torch.from_numpy(planes).to(slab.device).sub_(lo).div_(span), detail.sigma)
         update = slab * float(strength)
         if round_trip is not None:
             z_iso, iso_slab = next(round_trip)

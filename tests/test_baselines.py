@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from fmc.baselines import baseline_prediction, fit_sigma, resample_baseline, store_sigmas, stored_sigma
 from fmc.network import RUNet, preset
+from fmc.normalization import CARD_NORMALIZATION
 from fmc.pipeline import FusionPipeline, PipelineConfig
 from fmc.tiling import TilingConfig
 from fmc.weights import LoadedModel, ModelCard, ModelSet, load_model, save_model
@@ -112,7 +113,7 @@ def test_sigmas_are_stored_in_the_cards_and_read_back(tmp_path):
     stem = tmp_path / "any" / "step1"
     config = preset("tiny", in_channels=1)
     save_model(
-        stem, RUNet(config), ModelCard(step=1, preset="tiny", config=config.to_dict(), normalization={})
+        stem, RUNet(config), ModelCard(step=1, preset="tiny", config=config.to_dict(), normalization=dict(CARD_NORMALIZATION))
     )
     assert stored_sigma(load_model(stem).card.training, "nucleus") is None
     changed = store_sigmas(tmp_path, {"nucleus": 1.1, "membrane": 0.7}, {"data": "x"})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from fmc.native_detail import high_band_noise_share, native_detail_gain, pseudo_residual_power
+from fmc.native_detail import high_band_noise_share, plan_native_detail, pseudo_residual_power, smooth_in_plane
 from fmc.resample import isotropic_shape, resample_to_shape
 
 SPACING = (1.0, 0.2, 0.2)
@@ -40,11 +40,24 @@ def _case(noise_sd: float) -> tuple[np.ndarray, torch.Tensor, tuple[float, float
 
 
 def test_noise_lowers_the_share_of_detail_kept_and_a_clean_view_keeps_it():
-    clean = native_detail_gain(*_case(2.0), SPACING, 0.6, native_detail=1.0, noise_weight=1.0)
-    noisy = native_detail_gain(*_case(400.0), SPACING, 0.6, native_detail=1.0, noise_weight=1.0)
+    clean = plan_native_detail(*_case(2.0), SPACING, 0.6, native_detail=1.0, noise_weight=1.0).gain
+    noisy = plan_native_detail(*_case(400.0), SPACING, 0.6, native_detail=1.0, noise_weight=1.0).gain
     assert clean > 0.6 and noisy < 0.4 and 0.0 <= noisy < clean <= 1.0
+    # smoothing first removes noise from the band, so more of it is kept
+    smoothed = plan_native_detail(*_case(400.0), SPACING, 0.6, 1.0, 1.0, sigma=1.0)
+    assert smoothed.sigma == 1.0 and smoothed.gain > noisy
 
 
 def test_a_zero_noise_weight_keeps_the_fixed_share():
     volume, iso, bounds = _case(400.0)
-    assert native_detail_gain(volume, iso, bounds, SPACING, 0.6, native_detail=0.7, noise_weight=0.0) == 0.7
+    assert plan_native_detail(volume, iso, bounds, SPACING, 0.6, native_detail=0.7, noise_weight=0.0).gain == 0.7
+
+
+def test_in_plane_smoothing_keeps_the_mean_and_lowers_pixel_noise():
+    rng = np.random.default_rng(2)
+    planes = torch.from_numpy(rng.normal(1.0, 0.2, (4, 48, 48)).astype(np.float32))
+    smoothed = smooth_in_plane(planes, 1.0)
+    assert smoothed.shape == planes.shape
+    assert float(smoothed.mean()) == pytest.approx(float(planes.mean()), abs=0.01)
+    assert float(smoothed.std()) < 0.5 * float(planes.std())
+    assert smooth_in_plane(planes, 0.0) is planes

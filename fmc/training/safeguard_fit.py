@@ -1,9 +1,10 @@
-"""Fit the output's two trust settings on validation pairs and store them in the model cards.
+"""Fit the output's trust settings on validation pairs and store them in the model cards.
 
 Why: the networks' change and the input's own sub-0.6 um detail are both worth having only where
-they are right. ``change_strength`` (the safeguard: how much of the networks' change is added)
-and ``detail_noise_weight`` (how fast the kept share of the input's fine detail falls with its
-noise, :mod:`fmc.native_detail`) are chosen together on a grid, on validation pairs of every
+they are right. ``change_strength`` (the safeguard: how much of the networks' change is added),
+``detail_noise_weight`` (how fast the kept share of the input's fine detail falls with its
+noise, :mod:`fmc.native_detail`) and ``detail_sigma`` (the in-plane smoothing of the native
+input before that) are chosen together on a grid, on validation pairs of every
 regime given: the choice with the best mean over the (channel, family) groups among those that
 make no case worse than ``WORST_ALLOWED``; when none qualifies, the one whose worst case is
 highest. The networks run once per case (:meth:`FusionPipeline.run_each_setting`).
@@ -34,18 +35,19 @@ log = logging.getLogger(__name__)
 
 #: A case scored below this N_SSIM counts as made worse than its input.
 WORST_ALLOWED = -0.02
-STRENGTHS = (0.25, 0.5, 0.75, 1.0)
-NOISE_WEIGHTS = (0.0, 0.5, 1.0, 1.5)
+STRENGTHS = (0.25, 0.5, 1.0)
+NOISE_WEIGHTS = (0.0, 1.0, 1.5)
+SIGMAS = (0.0, 0.5, 0.8)  # voxels
 FIT_KEY = "safeguard_fit"
 
-Choice = tuple[float, float]  # (change_strength, detail_noise_weight)
+Choice = tuple[float, float, float]  # (change_strength, detail_noise_weight, detail_sigma)
 
 
 def score_grid(
     weights: Path, folders: dict[str, Path], min_id: int, device: torch.device
 ) -> tuple[list[dict], list[Choice]]:
     """N_SSIM of every validation case (ids >= ``min_id``) under every grid choice."""
-    grid = [(s, w) for s in STRENGTHS for w in NOISE_WEIGHTS]
+    grid = [(s, w, g) for s in STRENGTHS for w in NOISE_WEIGHTS for g in SIGMAS]
     rows: list[dict] = []
     pipelines: dict[str, FusionPipeline] = {}
     for family, folder in folders.items():
@@ -62,9 +64,13 @@ def score_grid(
             pipeline = pipelines[pair.channel]
             variants = [
                 dataclasses.replace(
-                    pipeline.settings, change_strength=s, native_detail=1.0, detail_noise_weight=w
+                    pipeline.settings,
+                    change_strength=s,
+                    native_detail=1.0,
+                    detail_noise_weight=w,
+                    detail_sigma=g,
                 )
-                for s, w in grid
+                for s, w, g in grid
             ]
             outputs = pipeline.run_each_setting(angle.volume, spacing, variants)
             scores = {c: n_ssim(o, fused.volume, angle.volume) for c, o in zip(grid, outputs, strict=True)}
@@ -104,16 +110,19 @@ def choose(rows: list[dict], grid: list[Choice]) -> Choice:
 
 def store(weights: Path, choice: Choice, rows: list[dict], fitted_on: dict) -> list[Path]:
     """Write the choice into every card's ``training.pipeline`` (both steps agree) with its record."""
-    strength, noise_weight = choice
+    strength, noise_weight, sigma = choice
     changed = []
     for card_path in sorted(Path(weights).rglob("step*.json")):
         card = read_card(card_path)
         pipeline = card.training.setdefault("pipeline", {})
-        pipeline.update(native_detail=1.0, detail_noise_weight=noise_weight, change_strength=strength)
+        pipeline.update(
+            native_detail=1.0, detail_noise_weight=noise_weight, detail_sigma=sigma, change_strength=strength
+        )
         card.training[FIT_KEY] = {
             "rule": f"best mean over groups with no case below {WORST_ALLOWED}",
             "change_strength": strength,
             "detail_noise_weight": noise_weight,
+            "detail_sigma": sigma,
             "group_means": group_means(rows, choice),
             "worst_case": min(row["scores"][choice] for row in rows),
             "fitted_on": fitted_on,
@@ -153,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     for choice in grid:
         means = " ".join(f"{k}={v:+.3f}" for k, v in group_means(rows, choice).items())
         worst = min(row["scores"][choice] for row in rows)
-        print(f"strength {choice[0]:.2f} noise weight {choice[1]:.2f}: {means} worst {worst:+.3f}")
+        print(f"strength {choice[0]:.2f} noise weight {choice[1]:.2f} sigma {choice[2]:.1f}: {means} worst {worst:+.3f}")
     choice = choose(rows, grid)
-    print(f"chosen: change_strength {choice[0]}, detail_noise_weight {choice[1]} ({len(rows)} cases)")
+    print(
+        f"chosen: change_strength {choice[0]}, detail_noise_weight {choice[1]}, detail_sigma {choice[2]} "
+        f"({len(rows)} cases)"
+    )
     if not args.dry_run:
         fitted_on = {"data": {k: str(v) for k, v in folders.items()}, "min_id": args.min_id, "cases": len(rows)}
         for path in store(args.weights, choice, rows, fitted_on):

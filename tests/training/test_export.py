@@ -191,6 +191,7 @@ def test_quality_table_puts_every_variant_beside_the_baselines(
         "step 1 + DW (paper)",
         "two steps",
         "two steps, safeguard off",
+        "two steps, networks' change off (native detail only)",
         "two steps, all native detail kept",
         "two steps, through the 0.6 um round trip",
         "two steps + DW (paper)",

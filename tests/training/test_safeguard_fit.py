@@ -12,7 +12,7 @@ from fmc.normalization import CARD_NORMALIZATION
 from fmc.training.safeguard_fit import WORST_ALLOWED, choose, group_means, store
 from fmc.weights import ModelCard, save_model
 
-BOLD, CAREFUL, TIMID = (1.0, 0.0), (0.5, 1.0), (0.25, 1.0)
+BOLD, CAREFUL, TIMID = (1.0, 0.0, 0.0), (0.5, 1.0, 0.5), (0.25, 1.0, 0.0)
 GRID = [BOLD, CAREFUL, TIMID]
 
 
@@ -52,3 +52,4 @@ def test_the_choice_goes_into_both_steps_cards(tmp_path: Path):
     for path in changed:
         pipeline = json.loads(path.read_text())["training"]["pipeline"]
         assert pipeline["change_strength"] == 0.5 and pipeline["detail_noise_weight"] == 1.0
+        assert pipeline["detail_sigma"] == 0.5
