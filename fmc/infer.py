@@ -610,6 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how fast that share falls with the detail's estimated noise; 0 = a fixed share "
         "(default: the model card's, else 0)",
     )
+    parser.add_argument(
+        "--detail-sigma",
+        type=float,
+        default=None,
+        help="in-plane Gaussian sigma (input voxels) on the native input before its detail is weighed, "
+        "0-3 (default: the model card's, else 0)",
+    )
     parser.add_argument("--no-step1", action="store_true", help="skip step 1, the global pass (ablation)")
     parser.add_argument("--no-step2", action="store_true", help="skip the patch step (ablation)")
     parser.add_argument("--no-dw", action="store_true", help="skip difference weighting (same as --dw none)")
@@ -655,6 +662,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         ("--change-strength", args.change_strength, 1.0),
         ("--native-detail", args.native_detail, 1.0),
         ("--detail-noise-weight", args.detail_noise_weight, 4.0),
+        ("--detail-sigma", args.detail_sigma, 3.0),
     ):
         if value is not None and not 0.0 <= value <= top:
             raise SystemExit(f"{flag} must be in [0, {top:g}], got {value}")
@@ -674,6 +682,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         max_filter=args.max_filter,
         native_detail=args.native_detail,
         detail_noise_weight=args.detail_noise_weight,
+        detail_sigma=args.detail_sigma,
         change_strength=args.change_strength,
         tta=args.tta,
         global_size=args.global_size,
