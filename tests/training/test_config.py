@@ -73,8 +73,8 @@ def test_train_py_help_runs_as_a_script() -> None:
 
 def test_discriminator_depth_must_fit_the_patch() -> None:
     with pytest.raises(ValueError, match="disc-levels"):
-        resolve_config({"patch": 8, "disc_levels": 4})
-    assert resolve_config({"patch": 8, "disc_levels": 3}).method.patch == 8
+        resolve_config({"patch": 8, "disc_levels": 4}, ablation="adversarial")
+    assert resolve_config({"patch": 8, "disc_levels": 3}, ablation="adversarial").method.patch == 8
     assert resolve_config({"patch": 8, "disc_levels": 4, "beta": 0.0}).loss.beta == 0.0  # no discriminator
 
 
