@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--change-strength",
         type=float,
         default=None,
-        help="the safeguard: share of the networks' change added to the input, 0-1 (default: the model card's)",
+        help="the safeguard: share of the networks' change added to the input, 0-1 "
+        "(default: the model card's)",
     )
     parser.add_argument(
         "--native-detail",

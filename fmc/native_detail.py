@@ -1,4 +1,4 @@
-"""How the native input enters the output: smoothed in plane, and its sub-0.6 um detail kept with one gain per case.
+"""How the native input enters the output: smoothed in plane, its sub-0.6 um detail kept by a gain per case.
 
 Why: the output is the native input plus the change the networks made at 0.6 um
 (:func:`fmc.pipeline.add_change_on_native_grid`), so the input's detail finer than 0.6 um (its

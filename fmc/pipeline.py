@@ -45,6 +45,9 @@ from fmc.weights import LoadedModel, ModelSet, WeightsError
 
 log = logging.getLogger(__name__)
 
+#: The native input as it came: no smoothing, all of its detail kept.
+UNTOUCHED = NativeDetail()
+
 
 @dataclass
 class PipelineConfig:
@@ -581,7 +584,7 @@ def add_change_on_native_grid(
     iso: torch.Tensor,
     prediction: torch.Tensor,
     bounds: tuple[float, float],
-    detail: NativeDetail = NativeDetail(),
+    detail: NativeDetail = UNTOUCHED,
     strength: float = 1.0,
     out: np.ndarray | None = None,
 ) -> np.ndarray:

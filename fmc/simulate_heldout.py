@@ -139,7 +139,9 @@ VIEW_RANGES: dict[str, ViewRanges] = {
 }
 
 
-def draw_params(rng: np.random.Generator, channel: str, shape: Shape3, regime: str = "calibrated") -> HeldOutParams:
+def draw_params(
+    rng: np.random.Generator, channel: str, shape: Shape3, regime: str = "calibrated"
+) -> HeldOutParams:
     """One random pair's parameters; ranges cover dim and bright, shallow and deep specimens.
 
     ``shape`` gives the lateral field and the most z planes: the planes cover a depth of 0.6-1.3

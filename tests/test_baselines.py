@@ -57,7 +57,9 @@ def test_untrained_correction_pipeline_returns_its_input_to_the_last_bit(dw, ste
     assert "step1" in timings and "step2" in timings  # both networks ran
     assert np.array_equal(fused, volume)
     # with none of the input's native detail kept, the output is the input's 0.6 um round trip
-    round_trip, _ = FusionPipeline(models, PipelineConfig(tiling=tiling, native_detail=0.0)).run(volume, SPACING)
+    round_trip, _ = FusionPipeline(models, PipelineConfig(tiling=tiling, native_detail=0.0)).run(
+        volume, SPACING
+    )
     expected = resample_baseline(volume, SPACING)
     assert np.array_equal(round_trip, expected)
     assert not np.array_equal(expected, volume)  # resampling does change the volume
@@ -113,7 +115,9 @@ def test_sigmas_are_stored_in_the_cards_and_read_back(tmp_path):
     stem = tmp_path / "any" / "step1"
     config = preset("tiny", in_channels=1)
     save_model(
-        stem, RUNet(config), ModelCard(step=1, preset="tiny", config=config.to_dict(), normalization=dict(CARD_NORMALIZATION))
+        stem,
+        RUNet(config),
+        ModelCard(step=1, preset="tiny", config=config.to_dict(), normalization=dict(CARD_NORMALIZATION)),
     )
     assert stored_sigma(load_model(stem).card.training, "nucleus") is None
     changed = store_sigmas(tmp_path, {"nucleus": 1.1, "membrane": 0.7}, {"data": "x"})

@@ -163,3 +163,14 @@ def test_case_shapes_and_synthetic_volume() -> None:
     assert volume.std() > 10  # not constant
     assert np.array_equal(volume, synthetic_volume((9, 20, 30), seed=3))
     assert not np.array_equal(volume, synthetic_volume((9, 20, 30), seed=4))
+
+
+def test_native_output_benchmark_times_both_end_steps(capsys) -> None:
+    from benchmarks.bench_native_output import main
+
+    assert main(["--study", "1", "--scale", "0.08", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["seconds"]) == {"round_trip", "native"} and report["native_over_round_trip"] > 0
+    assert 0.0 <= report["native_detail_gain"] <= 1.0 and report["shape"] == list(
+        scaled_shape((222, 731, 860), 0.08)
+    )

@@ -7,7 +7,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from fmc.native_detail import high_band_noise_share, plan_native_detail, pseudo_residual_power, smooth_in_plane
+from fmc.native_detail import (
+    high_band_noise_share,
+    plan_native_detail,
+    pseudo_residual_power,
+    smooth_in_plane,
+)
 from fmc.resample import isotropic_shape, resample_to_shape
 
 SPACING = (1.0, 0.2, 0.2)
@@ -50,7 +55,9 @@ def test_noise_lowers_the_share_of_detail_kept_and_a_clean_view_keeps_it():
 
 def test_a_zero_noise_weight_keeps_the_fixed_share():
     volume, iso, bounds = _case(400.0)
-    assert plan_native_detail(volume, iso, bounds, SPACING, 0.6, native_detail=0.7, noise_weight=0.0).gain == 0.7
+    assert (
+        plan_native_detail(volume, iso, bounds, SPACING, 0.6, native_detail=0.7, noise_weight=0.0).gain == 0.7
+    )
 
 
 def test_in_plane_smoothing_keeps_the_mean_and_lowers_pixel_noise():

@@ -27,7 +27,10 @@ def test_same_seed_same_bytes_and_pair_indices_are_independent():
 @pytest.mark.parametrize("channel", ["nucleus", "membrane"])
 def test_the_single_view_is_dimmer_than_the_fusion_and_bleaches_in_acquisition_order(channel):
     params = dataclasses.replace(
-        draw_params(np.random.default_rng(1), channel, SHAPE, "harsh"), photons=2e4, read_noise=0.0, background=0.0
+        draw_params(np.random.default_rng(1), channel, SHAPE, "harsh"),
+        photons=2e4,
+        read_noise=0.0,
+        background=0.0,
     )
     angle, fused = simulate_heldout_pair(dataclasses.replace(params, bleach=0.0), 3)
     bleached, _ = simulate_heldout_pair(dataclasses.replace(params, bleach=0.6), 3)

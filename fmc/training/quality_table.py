@@ -58,9 +58,14 @@ VARIANTS = (
     Variant("step 1 + DW (paper)", False, "paper"),
     Variant("two steps", True, "none"),
     Variant("two steps, safeguard off", True, "none", (("change_strength", 1.0),)),
-    Variant("two steps, networks' change off (native detail only)", True, "none", (("change_strength", 0.0),)),
     Variant(
-        "two steps, all native detail kept", True, "none", (("detail_noise_weight", 0.0), ("detail_sigma", 0.0))
+        "two steps, networks' change off (native detail only)", True, "none", (("change_strength", 0.0),)
+    ),
+    Variant(
+        "two steps, all native detail kept",
+        True,
+        "none",
+        (("detail_noise_weight", 0.0), ("detail_sigma", 0.0)),
     ),
     Variant("two steps, through the 0.6 um round trip", True, "none", (("native_detail", 0.0),)),
     Variant("two steps + DW (paper)", True, "paper"),

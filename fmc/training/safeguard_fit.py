@@ -75,8 +75,13 @@ def score_grid(
             outputs = pipeline.run_each_setting(angle.volume, spacing, variants)
             scores = {c: n_ssim(o, fused.volume, angle.volume) for c, o in zip(grid, outputs, strict=True)}
             rows.append({"family": family, "case": pair.case_id, "channel": pair.channel, "scores": scores})
-            log.info("%s %s (%.1f s): best %s", family, pair.case_id, time.perf_counter() - start,
-                     max(scores, key=scores.__getitem__))
+            log.info(
+                "%s %s (%.1f s): best %s",
+                family,
+                pair.case_id,
+                time.perf_counter() - start,
+                max(scores, key=scores.__getitem__),
+            )
     return rows, grid
 
 
@@ -149,27 +154,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--weights", type=Path, required=True, help="model folder whose cards get the choice")
     parser.add_argument(
-        "--data", type=_family_folder, nargs="+", required=True, metavar="FAMILY=FOLDER",
+        "--data",
+        type=_family_folder,
+        nargs="+",
+        required=True,
+        metavar="FAMILY=FOLDER",
         help="validation pairs, one folder per family (e.g. calibrated=DIR harsh=DIR)",
     )
     parser.add_argument("--min-id", type=int, default=0, help="only image ids >= this (validation ids)")
     parser.add_argument("--dry-run", action="store_true", help="print the grid, store nothing")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     folders = dict(args.data)
     rows, grid = score_grid(args.weights, folders, args.min_id, torch.device("cpu"))
     for choice in grid:
         means = " ".join(f"{k}={v:+.3f}" for k, v in group_means(rows, choice).items())
         worst = min(row["scores"][choice] for row in rows)
-        print(f"strength {choice[0]:.2f} noise weight {choice[1]:.2f} sigma {choice[2]:.1f}: {means} worst {worst:+.3f}")
+        print(
+            f"strength {choice[0]:.2f} noise weight {choice[1]:.2f} sigma {choice[2]:.1f}: "
+            f"{means} worst {worst:+.3f}"
+        )
     choice = choose(rows, grid)
     print(
         f"chosen: change_strength {choice[0]}, detail_noise_weight {choice[1]}, detail_sigma {choice[2]} "
         f"({len(rows)} cases)"
     )
     if not args.dry_run:
-        fitted_on = {"data": {k: str(v) for k, v in folders.items()}, "min_id": args.min_id, "cases": len(rows)}
+        fitted_on = {
+            "data": {k: str(v) for k, v in folders.items()},
+            "min_id": args.min_id,
+            "cases": len(rows),
+        }
         for path in store(args.weights, choice, rows, fitted_on):
             print(f"stored in {path}")
     return 0

@@ -44,7 +44,9 @@ def test_when_every_choice_sinks_a_case_the_least_bad_worst_case_wins():
 def test_the_choice_goes_into_both_steps_cards(tmp_path: Path):
     config = preset("tiny", in_channels=1)
     for step in (1, 2):
-        card = ModelCard(step=step, preset="tiny", config=config.to_dict(), normalization=dict(CARD_NORMALIZATION))
+        card = ModelCard(
+            step=step, preset="tiny", config=config.to_dict(), normalization=dict(CARD_NORMALIZATION)
+        )
         save_model(tmp_path / "any" / f"step{step}", RUNet(config), card)
     rows = _rows([{CAREFUL: 0.1}])
     changed = store(tmp_path, CAREFUL, rows, {"cases": 1})
