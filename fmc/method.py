@@ -19,7 +19,8 @@ DW_FORMS = ("paper", "released", "none")
 #: How step 1's prediction reaches step 2 and the output. "output": the step-1 network's output,
 #: upsampled, is the prediction (the paper). "correction": the step-1 network predicts a change
 #: of its global cube, and that change, upsampled, is added to the 0.6 um input -- so networks
-#: with zero heads give the resampled input exactly, and training can only add to it.
+#: with zero heads change nothing (the output is then the input itself, fmc.pipeline), and training
+#: can only add to it.
 STEP1_MODES = ("output", "correction")
 #: Input channels step 2 can be given, in the order a card lists them: the 0.6 um input, the
 #: step-1 prediction upsampled, the signed surface distance (:mod:`fmc.distance`). "image" is first.

@@ -115,12 +115,12 @@ class MethodConfig:
     step1_mode: str = knob(
         "correction",
         "correction: step 1 predicts a change added to the 0.6 um input and untrained networks give the "
-        "resampled input exactly; output: step 1's output is the prediction (the paper)",
+        "input back exactly; output: step 1's output is the prediction (the paper)",
         choices=STEP1_MODES,
     )
     step2_residual: str = knob(
         "input",
-        "what step 2 corrects: input (untrained = the resampled input; step 1 is context) or step1 (the "
+        "what step 2 corrects: input (untrained: no change; step 1 is context) or step1 (the "
         "step-1 prediction)",
         choices=STEP2_RESIDUALS,
     )
