@@ -40,6 +40,7 @@ def tiny_fit_args(run: Path, cache: Path, *extra: str) -> list[str]:
         "--run-dir", str(run),
         "--cache", str(cache),
         "--preset", "tiny",
+        "--ablation", "adversarial-dw",
         "--global-size", str(GLOBAL_SIZE),
         "--patch", str(PATCH),
         "--batch", "2",
