@@ -198,7 +198,7 @@ class FusionPipeline:
         log.info("method settings: %s", self.settings.describe(self.settings_sources))
         self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
         self.step2_decisions: list[str] = []  # the planner's choice and the deadline's stand-ins, last run()
-        self.native_detail = NativeDetail()  # how the last run() took the native input
+        self.native_detail = UNTOUCHED  # how the last run() took the native input
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
                 "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
@@ -281,13 +281,13 @@ class FusionPipeline:
             )
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             with self._timed(timings, "resample_out", dev):
-                detail = self._detail_gain(volume, iso, bounds, spacing, self.settings)
+                detail = self._plan_native_detail(volume, iso, bounds, spacing, self.settings)
                 result = add_change_on_native_grid(
                     volume, iso, prediction, bounds, detail, self.settings.change_strength, out
                 )
         return result, timings
 
-    def _detail_gain(
+    def _plan_native_detail(
         self,
         volume: np.ndarray,
         iso: torch.Tensor,
@@ -330,7 +330,7 @@ class FusionPipeline:
     ) -> list[np.ndarray]:
         """One uint16 prediction per settings in ``variants`` from a single pass of the networks.
 
-        The variants may differ in what acts after the networks (the DW form, ``native_detail``,
+        The variants may differ in what acts after the networks (the DW form, the native detail,
         ``change_strength``); each result is the bytes ``run`` gives with those settings (no
         deadline). For the quality table and for fitting the safeguard on validation pairs.
         """
@@ -341,15 +341,15 @@ class FusionPipeline:
                 volume, spacing, self.device, self.config.target_spacing, self._timed, timings
             )
             before = self.predict_before_dw(iso, timings)
-            gains: dict[tuple[float, float, float], NativeDetail] = {}
+            plans: dict[tuple[float, float, float], NativeDetail] = {}
             for settings in variants:
                 key = (settings.native_detail, settings.detail_noise_weight, settings.detail_sigma)
-                if key not in gains:
-                    gains[key] = self._detail_gain(volume, iso, bounds, spacing, settings)
+                if key not in plans:
+                    plans[key] = self._plan_native_detail(volume, iso, bounds, spacing, settings)
                 prediction = weigh_differences(iso, before.clone(), settings)
                 results.append(
                     add_change_on_native_grid(
-                        volume, iso, prediction, bounds, gains[key], settings.change_strength
+                        volume, iso, prediction, bounds, plans[key], settings.change_strength
                     )
                 )
         return results
