@@ -44,9 +44,11 @@ SAFETY_MARGIN_SECONDS = 60.0
 # overlap for fewer stand-ins; what still runs late is caught by the deadline inside step 2
 # (fmc.tiling.Deadline).
 PREDICTION_MARGIN = 1.15
-# What follows step 2 (see post_step2_reserve_seconds). Measured on CPU: resampling back costs about
-# two resamplings in, difference weighting three more; on a GPU both are negligible.
-RESAMPLE_PASSES_AFTER_STEP2 = 2.0
+# What follows step 2 (see post_step2_reserve_seconds). Measured on CPU: resampling back cost about
+# two resamplings in, and the native-grid end step with the default card's native detail (its
+# noise pass and in-plane smoothing) 5.6x that (docs/performance.md); difference weighting three
+# more; on a GPU all are small.
+RESAMPLE_PASSES_AFTER_STEP2 = 11.0
 RESAMPLE_PASSES_OF_DW = 3.0
 # Chosen, not measured here: the host copy and the BigTIFF write of the input's bytes at 200 MB/s,
 # ten times slower than the 0.9 s write of study 5's 2.1 GiB measured on the H100 machine

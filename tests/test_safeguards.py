@@ -88,9 +88,9 @@ def test_no_time_left_falls_back_to_step_one_only():
 
 
 def test_the_reserve_counts_resampling_passes_the_write_and_a_fixed_part():
-    # 2 passes of 1.5 s, 400 MB at 200 MB/s, 2 s: 9 s; difference weighting adds 3 passes
-    assert post_step2_reserve_seconds(1.5, 400_000_000, dw=False) == pytest.approx(3.0 + 2.0 + 2.0)
-    assert post_step2_reserve_seconds(1.5, 400_000_000, dw=True) == pytest.approx(7.5 + 2.0 + 2.0)
+    # 11 passes of 1.5 s (the native-grid end step), 400 MB at 200 MB/s, 2 s fixed; DW adds 3 passes
+    assert post_step2_reserve_seconds(1.5, 400_000_000, dw=False) == pytest.approx(16.5 + 2.0 + 2.0)
+    assert post_step2_reserve_seconds(1.5, 400_000_000, dw=True) == pytest.approx(21.0 + 2.0 + 2.0)
 
 
 def test_out_of_memory_ladder_halves_batch_then_shrinks_patch_then_uses_the_host():
