@@ -8,13 +8,12 @@ one line the run logs before it stops.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from fmc.io import list_cases
+from fmc.io import OutputError, check_writable_folder, list_cases
 
 PREVIEW_SUFFIX = "_preview.png"
 
@@ -106,20 +105,11 @@ def prepare_side_file(path: Path, flag: str) -> None:
 
 
 def _folder_problem(folder: Path) -> str | None:
+    """What stops a file being made in ``folder`` (the output folder's own check), or None."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        return f"{folder} exists and is not a folder"
-    except OSError as error:
-        return f"cannot create the folder {folder} ({_reason(error)})"
-    probe = folder / f".fmc-write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-        return f"the folder {folder} is not writable ({_reason(error)})"
+        check_writable_folder(folder)
+    except OutputError as error:
+        return f"{error.path}: {error.reason}"
     return None
 
 
