@@ -58,10 +58,10 @@ class MethodSettings:
     step1_mode: str = "output"
     # Step 2's input channels by name; () for cards that predate the list: see step2_channels.
     step2_inputs: tuple[str, ...] = ()
-    # The native-grid output (docs/inference.md, "Output"): the change predicted at 0.6 um is
-    # added to the native input. How much of the input's detail finer than the 0.6 um grid is
-    # kept, per case (fmc.native_detail): clip(native_detail - detail_noise_weight * noise share
-    # of that detail, 0, 1); 1 and 0: all of it, untouched; native_detail 0: the 0.6 um round trip.
+    # The native-grid output (README, "What it does"): the change predicted at 0.6 um is added to
+    # the native input. The share of the input's detail finer than the 0.6 um grid kept per case
+    # (fmc.native_detail) is clip(native_detail - detail_noise_weight * that detail's noise share,
+    # 0, 1): the defaults (1, 0) keep all of it; native_detail 0 is the 0.6 um round trip.
     native_detail: float = 1.0
     detail_noise_weight: float = 0.0
     # In-plane Gaussian sigma (input voxels) on the native input before its detail is weighed; 0: none.

@@ -69,6 +69,16 @@ def smooth_in_plane(planes: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
+def normalized_planes(
+    volume: np.ndarray, z0: int, z1: int, bounds: tuple[float, float], device: torch.device
+) -> torch.Tensor:
+    """Planes ``z0:z1`` of the native input on ``device``, normalized by the case's (p2, p99.8)
+    ``bounds`` as float32: a copy, so the input stays as it is."""
+    lo, hi = bounds
+    planes = torch.from_numpy(np.array(volume[z0:z1], dtype=np.float32)).to(device)
+    return planes.sub_(lo).div_(hi - lo if hi > lo else 1.0)
+
+
 def pseudo_residual_power(planes: torch.Tensor) -> float:
     """Mean squared pseudo-residual along y and x of (Z, Y, X) planes: white noise's variance."""
     if planes.shape[1] < 3 or planes.shape[2] < 3:
@@ -108,20 +118,17 @@ def plan_native_detail(
     ``noise_weight`` is 0, without reading the volume."""
     if noise_weight == 0:
         return NativeDetail(sigma, float(native_detail))
-    lo, hi = bounds
-    span = hi - lo if hi > lo else 1.0
-    shape = tuple(int(n) for n in volume.shape)
+    z, y, x = volume.shape
+    shape = (int(z), int(y), int(x))
     band_power, noise_power, voxels = 0.0, 0.0, 0
     for z0, round_trip in resample_slabs(iso, shape):
-        z1 = z0 + round_trip.shape[0]
-        native = torch.from_numpy(np.array(volume[z0:z1], dtype=np.float32)).to(round_trip.device)
-        native.sub_(lo).div_(span)
+        native = normalized_planes(volume, z0, z0 + round_trip.shape[0], bounds, round_trip.device)
         count = native.numel()
         band_power += float((smooth_in_plane(native, sigma) - round_trip).square().mean()) * count
         noise_power += pseudo_residual_power(native) * count
         voxels += count
     if voxels == 0 or band_power <= 0:
         return NativeDetail(sigma, float(native_detail))
-    share = high_band_noise_share(shape, spacing, target_spacing, sigma)  # type: ignore[arg-type]
+    share = high_band_noise_share(shape, spacing, target_spacing, sigma)
     rho = share * noise_power / band_power
     return NativeDetail(sigma, float(min(1.0, max(0.0, native_detail - noise_weight * rho))))

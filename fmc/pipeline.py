@@ -29,7 +29,7 @@ from fmc.difference_weighting import difference_weighting_, released_difference_
 from fmc.distance import coarse_distance_channel
 from fmc.memory import high_water_gib
 from fmc.method import TARGET_SPACING_UM, MethodSettings, check_step2_inputs
-from fmc.native_detail import NativeDetail, plan_native_detail, smooth_in_plane
+from fmc.native_detail import NativeDetail, normalized_planes, plan_native_detail, smooth_in_plane
 from fmc.normalization import to_input_range_uint16
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.safeguards import (
@@ -570,13 +570,9 @@ def to_isotropic(
     with stage(timings, "resample_in", device):
         # resampling is linear with unit-sum weights: normalizing after it is the same
         iso_shape = isotropic_shape(tuple(volume.shape), spacing, target_spacing)
-        iso = resample_to_shape(raw, iso_shape).sub_(lo).div_(_span(lo, hi))
+        iso = resample_to_shape(raw, iso_shape).sub_(lo).div_(hi - lo if hi > lo else 1.0)
         del raw
     return iso, (lo, hi)
-
-
-def _span(lo: float, hi: float) -> float:
-    return hi - lo if hi > lo else 1.0
 
 
 def add_change_on_native_grid(
@@ -604,8 +600,6 @@ def add_change_on_native_grid(
     through the networks: 2.1 GiB for study 5). ``prediction`` is overwritten; ``out`` may be
     ``volume`` itself (each slab is read before it is written).
     """
-    lo, hi = bounds
-    span = _span(lo, hi)
     shape = tuple(int(n) for n in volume.shape)
     result = np.empty(shape, dtype=np.uint16) if out is None else out
     dropped = 1.0 - float(detail.gain)
@@ -613,15 +607,14 @@ def add_change_on_native_grid(
     round_trip = resample_slabs(iso, shape) if dropped > 0 else None
     for z0, slab in resample_slabs(change, shape):
         z1 = z0 + slab.shape[0]
-        planes = np.array(volume[z0:z1], dtype=np.float32)  # a copy: the input stays as it is
-        native = smooth_in_plane(torch.from_numpy(planes).to(slab.device).sub_(lo).div_(span), detail.sigma)
+        native = smooth_in_plane(normalized_planes(volume, z0, z1, bounds, slab.device), detail.sigma)
         update = slab * float(strength)
         if round_trip is not None:
             z_iso, iso_slab = next(round_trip)
             assert z_iso == z0, "the two resamplings must share their slabs"
             update.sub_(native - iso_slab, alpha=dropped)
         native.add_(update)
-        result[z0:z1] = to_input_range_uint16(native, lo, hi)
+        result[z0:z1] = to_input_range_uint16(native, *bounds)
     return result
 
 

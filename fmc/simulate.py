@@ -669,9 +669,9 @@ def random_params(
     """Draw parameters for training (domain randomization) on a fixed output ``shape``.
 
     Three in five pairs take a real study's spacing (membrane: studies 1 and 3 only) and record that
-    study; the rest take a random spacing (z 1-3.5 um, xy 0.195-0.4 um) and
-    no study. The specimen is drawn the same way in both :data:`REGIMES`; the view's degradation
-    from :data:`DEGRADATION` of ``regime``.
+    study; the rest take a random spacing (z 1-3.5 um, xy 0.195-0.4 um) and no study. The
+    specimen is drawn the same way in both :data:`REGIMES`; the view's degradation from
+    :data:`DEGRADATION` of ``regime``.
     """
     if channel not in CHANNELS:
         raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")

@@ -161,6 +161,7 @@ def draw_params(
     planes = int(np.clip(round(depth_um / spacing[0]), 16, shape[0]))
     axial = float(rng.uniform(0.5, 0.9))
     lateral = float(rng.uniform(0.22, 0.35))
+    # never sharper than the fused target's core (a calibrated view's surface blur can start below it)
     surface_ax = max(axial, float(rng.uniform(*view.surface_axial_um)))
     return HeldOutParams(
         shape=(planes, int(shape[1]), int(shape[2])),
