@@ -35,7 +35,7 @@ from fmc.io import (
     write_prediction,
 )
 from fmc.memory_plan import check_case, fusion_spacing, plan_for
-from fmc.method import DEFAULT_PATCH, DW_FORMS, MethodSettings
+from fmc.method import DEFAULT_PATCH, DW_FORMS, OUTPUT_SETTING_LIMITS, MethodSettings
 from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
 from fmc.preflight import (
@@ -659,12 +659,8 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         raise SystemExit(f"--no-dw contradicts --dw {args.dw}")
     if args.max_filter is not None and (args.max_filter < 1 or args.max_filter % 2 == 0):
         raise SystemExit(f"--max-filter must be odd and >= 1, got {args.max_filter}")
-    for flag, value, top in (
-        ("--change-strength", args.change_strength, 1.0),
-        ("--native-detail", args.native_detail, 1.0),
-        ("--detail-noise-weight", args.detail_noise_weight, 4.0),
-        ("--detail-sigma", args.detail_sigma, 3.0),
-    ):
+    for name, top in OUTPUT_SETTING_LIMITS.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
         if value is not None and not 0.0 <= value <= top:
             raise SystemExit(f"{flag} must be in [0, {top:g}], got {value}")
     if args.autocast != "none" and args.precision not in ("auto", args.autocast):

@@ -33,6 +33,16 @@ DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
 DEFAULT_PATCH = 128
 
 
+#: Upper limits of the output's trust settings (each from 0): shares are at most 1, the noise
+#: weight 4 (a gain of 0 from a quarter of noise), the in-plane sigma 3 voxels.
+OUTPUT_SETTING_LIMITS = {
+    "native_detail": 1.0,
+    "change_strength": 1.0,
+    "detail_noise_weight": 4.0,
+    "detail_sigma": 3.0,
+}
+
+
 def check_step2_inputs(names: tuple[str, ...]) -> None:
     """Refuse step-2 channel names the pipeline cannot build, or out of order (``image`` first, once each)."""
     unknown = [name for name in names if name not in STEP2_INPUTS]
@@ -81,12 +91,7 @@ class MethodSettings:
             raise ValueError(f"step1_mode must be one of {STEP1_MODES}, got {self.step1_mode!r}")
         if self.max_filter < 1 or self.max_filter % 2 == 0:
             raise ValueError(f"max_filter must be odd and >= 1, got {self.max_filter}")
-        for name, top in (
-            ("native_detail", 1.0),
-            ("change_strength", 1.0),
-            ("detail_noise_weight", 4.0),
-            ("detail_sigma", 3.0),
-        ):
+        for name, top in OUTPUT_SETTING_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= top:
                 raise ValueError(f"{name} must be a number in [0, {top:g}], got {value!r}")
