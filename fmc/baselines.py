@@ -127,15 +127,12 @@ def fit_sigma(
 
 def store_sigmas(weights: Path, sigmas: dict[str, float], fitted_on: dict) -> list[Path]:
     """Write the tuned sigmas into every model card under ``weights``; returns the cards changed."""
-    from fmc.weights import read_card, write_card
+    from fmc.weights import update_cards
 
-    changed = []
-    for card_path in sorted(Path(weights).rglob("step*.json")):
-        card = read_card(card_path)
+    def edit(card: Any) -> None:
         card.training[BASELINE_KEY] = {"gaussian_tuned_sigma": dict(sigmas), "fitted_on": fitted_on}
-        write_card(card_path, card)
-        changed.append(card_path)
-    return changed
+
+    return update_cards(weights, edit)
 
 
 def stored_sigma(training: dict, channel: str) -> float | None:

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +131,21 @@ def write_card(path: Path, card: ModelCard) -> None:
     """Write a model card as indented JSON, atomically (a reader never sees half a card)."""
     text = json.dumps(dataclasses.asdict(card), indent=2) + "\n"
     atomic_write(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def update_cards(weights: Path, edit: Callable[[ModelCard], None]) -> list[Path]:
+    """Apply ``edit`` to every model card under ``weights`` and write each back; returns the cards.
+
+    For settings fitted after export (the tuned baseline sigma, the safeguard): every step's card
+    gets them, so the steps' cards keep agreeing.
+    """
+    changed = []
+    for card_path in sorted(Path(weights).rglob("step*.json")):
+        card = read_card(card_path)
+        edit(card)
+        write_card(card_path, card)
+        changed.append(card_path)
+    return changed
 
 
 # -------------------------------------------------------------------------------------------- loading

@@ -29,7 +29,7 @@ from fmc.metrics import n_ssim
 from fmc.pipeline import FusionPipeline
 from fmc.training.evaluate import pipeline_config_for
 from fmc.training.pairs import find_pairs, reconcile
-from fmc.weights import discover_models, read_card, write_card
+from fmc.weights import ModelCard, discover_models, update_cards
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def score_grid(
     pipelines: dict[str, FusionPipeline] = {}
     for family, folder in folders.items():
         for pair in find_pairs(folder).pairs:
-            if _case_number(pair.case_id) < min_id:
+            if pair.image_id < min_id:
                 continue
             start = time.perf_counter()
             angle, fused = read_case(pair.angle), read_case(pair.fused)
@@ -85,11 +85,6 @@ def score_grid(
     return rows, grid
 
 
-def _case_number(case_id: str) -> int:
-    parts = case_id.split("_")
-    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else -1
-
-
 def group_means(rows: list[dict], choice: Choice) -> dict[str, float]:
     """Mean N_SSIM per "channel family" group under ``choice``."""
     groups: dict[str, list[float]] = {}
@@ -98,43 +93,43 @@ def group_means(rows: list[dict], choice: Choice) -> dict[str, float]:
     return {name: float(np.mean(values)) for name, values in sorted(groups.items())}
 
 
+def worst_case(rows: list[dict], choice: Choice) -> float:
+    """The lowest N_SSIM of any case under ``choice``."""
+    return min(row["scores"][choice] for row in rows)
+
+
 def choose(rows: list[dict], grid: list[Choice]) -> Choice:
     """The best mean over groups among the choices that keep every case above WORST_ALLOWED."""
     if not rows:
         raise ValueError("no validation cases to fit on")
 
-    def worst(choice: Choice) -> float:
-        return min(row["scores"][choice] for row in rows)
-
     def mean(choice: Choice) -> float:
         return float(np.mean(list(group_means(rows, choice).values())))
 
-    safe = [c for c in grid if worst(c) >= WORST_ALLOWED]
-    return max(safe, key=mean) if safe else max(grid, key=worst)
+    safe = [c for c in grid if worst_case(rows, c) >= WORST_ALLOWED]
+    return max(safe, key=mean) if safe else max(grid, key=lambda c: worst_case(rows, c))
 
 
 def store(weights: Path, choice: Choice, rows: list[dict], fitted_on: dict) -> list[Path]:
     """Write the choice into every card's ``training.pipeline`` (both steps agree) with its record."""
     strength, noise_weight, sigma = choice
-    changed = []
-    for card_path in sorted(Path(weights).rglob("step*.json")):
-        card = read_card(card_path)
-        pipeline = card.training.setdefault("pipeline", {})
-        pipeline.update(
+    record = {
+        "rule": f"best mean over groups with no case below {WORST_ALLOWED}",
+        "change_strength": strength,
+        "detail_noise_weight": noise_weight,
+        "detail_sigma": sigma,
+        "group_means": group_means(rows, choice),
+        "worst_case": worst_case(rows, choice),
+        "fitted_on": fitted_on,
+    }
+
+    def edit(card: ModelCard) -> None:
+        card.training.setdefault("pipeline", {}).update(
             native_detail=1.0, detail_noise_weight=noise_weight, detail_sigma=sigma, change_strength=strength
         )
-        card.training[FIT_KEY] = {
-            "rule": f"best mean over groups with no case below {WORST_ALLOWED}",
-            "change_strength": strength,
-            "detail_noise_weight": noise_weight,
-            "detail_sigma": sigma,
-            "group_means": group_means(rows, choice),
-            "worst_case": min(row["scores"][choice] for row in rows),
-            "fitted_on": fitted_on,
-        }
-        write_card(card_path, card)
-        changed.append(card_path)
-    return changed
+        card.training[FIT_KEY] = record
+
+    return update_cards(weights, edit)
 
 
 def _family_folder(text: str) -> tuple[str, Path]:
@@ -172,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, grid = score_grid(args.weights, folders, args.min_id, torch.device("cpu"))
     for choice in grid:
         means = " ".join(f"{k}={v:+.3f}" for k, v in group_means(rows, choice).items())
-        worst = min(row["scores"][choice] for row in rows)
+        worst = worst_case(rows, choice)
         print(
             f"strength {choice[0]:.2f} noise weight {choice[1]:.2f} sigma {choice[2]:.1f}: "
             f"{means} worst {worst:+.3f}"
