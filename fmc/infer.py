@@ -110,8 +110,7 @@ def explicit_weights_problem(root: Path) -> str | None:
     user who named a folder would get another model without noticing.
     """
     if not root.is_dir():  # once for the run, not once per case from discover_models
-        what = "not a folder" if root.exists() else "no such folder"
-        return f"--weights {root}: {what}. {HOW_TO_GET_WEIGHTS}"
+        return f"--weights {root}: {_not_a_folder(root)}. {HOW_TO_GET_WEIGHTS}"
     folders = [root]
     for sub in MODEL_SUBFOLDERS:
         folders.append(root / sub)
@@ -172,8 +171,7 @@ def run_inference(options: InferenceOptions) -> list[CaseResult]:
     Each fault is logged once, where it is found: a fault of the whole run (input or output folder,
     ``--weights``) as one line before any fusing, a case's fault as one line naming the case."""
     if not options.input.is_dir():
-        what = "not a folder" if options.input.exists() else "no such folder"
-        log.error("--input %s: %s", options.input, what)
+        log.error("--input %s: %s", options.input, _not_a_folder(options.input))
         return []
     try:
         cases = list_inputs(options.input)
@@ -501,6 +499,11 @@ def _write_preview_safely(
         except Exception as error:  # a side file: whatever broke it, the TIFF is already written
             problem = _one_line(error)
     log.warning("%s: cannot write the preview (%s); the case's TIFF stands", path, problem)
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why ``path``, which is no folder, cannot be used as one."""
+    return "not a folder" if path.exists() else "no such folder"
 
 
 def _one_line(error: BaseException) -> str:
