@@ -22,7 +22,7 @@ from typing import Any
 
 from fmc.method import MethodSettings
 from fmc.network import RUNetConfig
-from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW
+from fmc.normalization import CARD_NORMALIZATION as NORMALIZATION
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ STEP_FLAGS = ("step1", "step2")
 SIZE_LIMITS = {"global_size": 1024, "patch": 1024}
 #: Older cards stored difference weighting as a bool (MethodSettings.from_card reads it).
 LEGACY_TYPES: dict[str, Any] = {"difference_weighting": bool}
-NORMALIZATION = {"method": "percentile", "low": PERCENTILE_LOW, "high": PERCENTILE_HIGH}
 
 
 class CardError(ValueError):
