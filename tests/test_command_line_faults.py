@@ -1,5 +1,5 @@
 """What a first run meets on the command line (issue 26): help that tells what the model card
-decides, and every fault of the README's contract table as exactly one line."""
+decides, and every fault of the contract table (docs/inference.md) as exactly one line."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # fault -> (how to make the input folder, words of its line (one line per phrase), exit code):
-# the rows of README's contract table.
+# the rows of the contract table in docs/inference.md.
 INPUT_FAULTS = {
     "not a TIFF": (lambda d: (d.mkdir(), (d / "x.tif").write_bytes(b"no tiff" * 20)), "not a TIFF", 1),
     "truncated": (_truncated, "truncated", 1),

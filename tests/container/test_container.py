@@ -114,7 +114,7 @@ def test_training_image_help(docker: Docker, images: tuple[str, str]) -> None:
 def tiny_fit(docker: Docker, train_image: str, root: Path, *extra: str) -> Path:
     """Simulate two pairs with fmc.simulate, then `fit --data /data` a tiny model; returns the runs folder.
 
-    As the caller's uid (the README's `--user "$(id -u):$(id -g)"` form), offline.
+    As the caller's uid (`--user UID:GID`, as test.sh runs the image), offline.
     """
     data, runs = root / "data", root / "runs"
     data.mkdir()
