@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -49,7 +50,9 @@ from fmc.preflight import (
 from fmc.safeguards import (
     DEFAULT_BUDGET_SECONDS,
     SAFETY_MARGIN_SECONDS,
+    TTA_FLIPS,
     Attempt,
+    count_patches,
     fallback_attempts,
 )
 from fmc.signals import Interrupted, install_signal_handlers, restore_signal_handlers
@@ -140,8 +143,9 @@ class CaseResult:
     ok: bool
     message: str = ""
     seconds: float = 0.0
-    # for --report: stages (seconds), memory_high_water_gib, memory_counter, step2_decisions,
-    # attempt (device and kernels), model; empty when the case failed
+    # for --report: stages (seconds), memory_high_water_gib, memory_counter, step2_decisions (prose),
+    # step2 (the same as data, see _step2_figures), attempt (device and kernels), model; empty when
+    # the case failed
     figures: dict = field(default_factory=dict)
 
 
@@ -380,8 +384,38 @@ def _fuse_one(
         "memory_counter": kind,
         "memory_high_water_gib": dict(pipeline.memory_high_water_gib),
         "step2_decisions": list(pipeline.step2_decisions),
+        "step2": _step2_figures(pipeline, plan.grid),
     }
     return summary, figures
+
+
+def _step2_figures(pipeline: FusionPipeline, grid: tuple[int, int, int]) -> dict | None:
+    """What step 2 did on the case, as data (``step2_decisions`` says it in words); None: no step 2.
+
+    Why: a benchmark comparing two runs (with and without a memory cap, say) must tell "the planner
+    chose another setting" from "same setting, other bytes" without parsing prose. ``patch`` and
+    ``batch`` are the configured ones: an out-of-memory retry with smaller ones is in the log only.
+    """
+    if pipeline.step2_model is None:
+        return None
+    tiling, plan = pipeline.config.tiling, pipeline.step2_plan
+    ran = plan is None or plan.run
+    overlap = tiling.overlap if plan is None else plan.overlap
+    tta = pipeline.config.tta if plan is None else plan.tta
+    patches = count_patches(grid, tuple(tiling.patch), overlap) if ran else 0
+    return {
+        "ran": ran,  # False: the time planner skipped step 2 (the step-1 output stands in)
+        "planned": plan is not None,  # the time planner chose overlap and flips (a budget was set)
+        "grid": list(grid),  # the 0.6 um volume the patches tile
+        "patch": list(tiling.patch),
+        "batch": tiling.batch,
+        "overlap": overlap,
+        "tta": tta,
+        "patches": patches,
+        "forward_passes": math.ceil(patches / tiling.batch) * (TTA_FLIPS if tta else 1),
+        "predicted_seconds": round(plan.predicted_seconds, 3) if plan is not None and ran else None,
+        "stand_ins": pipeline.step2_stand_ins,  # patches the deadline gave the fallback; None: no deadline
+    }
 
 
 def _check_explicit_choice(explicit: Path | None, models: ModelSet, channel: str, study: int | None) -> None:

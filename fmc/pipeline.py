@@ -198,6 +198,9 @@ class FusionPipeline:
         log.info("method settings: %s", self.settings.describe(self.settings_sources))
         self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
         self.step2_decisions: list[str] = []  # the planner's choice and the deadline's stand-ins, last run()
+        # the same as data, for the run report (None: no deadline in the last run())
+        self.step2_plan: StepTwoPlan | None = None
+        self.step2_stand_ins: int | None = None
         self.native_detail = UNTOUCHED  # how the last run() took the native input
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
@@ -274,6 +277,7 @@ class FusionPipeline:
         dev = self.device
         self.memory_high_water_gib = {}
         self.step2_decisions = []
+        self.step2_plan, self.step2_stand_ins = None, None
         with torch.inference_mode():
             iso, bounds = to_isotropic(volume, spacing, dev, self.config.target_spacing, self._timed, timings)
             reserve = post_step2_reserve_seconds(
@@ -441,6 +445,7 @@ class FusionPipeline:
             plan = self._plan_step_two(source, deadline, reserve_seconds)
             log.info("planner: %s", plan.reason)
             self.step2_decisions.append(plan.reason)
+            self.step2_plan = plan
             if not plan.run:
                 return StepTwo.SKIPPED
             tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
@@ -470,7 +475,10 @@ class FusionPipeline:
         return out
 
     def _note_stand_ins(self, stop: Deadline | None) -> None:
-        if stop is not None and stop.stand_ins:
+        if stop is None:
+            return
+        self.step2_stand_ins = stop.stand_ins
+        if stop.stand_ins:
             self.step2_decisions.append(
                 f"time is up after {stop.patches - stop.stand_ins} of {stop.patches} patches: "
                 f"the {stop.stand_ins} left took the fallback prediction"

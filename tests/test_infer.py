@@ -89,6 +89,44 @@ def test_the_run_report_carries_stages_memory_planner_device_and_kernels(tmp_pat
     assert figures["memory_counter"] == "process RSS"
     assert len(figures["step2_decisions"]) == 1 and "fits" in figures["step2_decisions"][0]
     assert figures["attempt"] == {"device": "cpu", "kernels": dataclasses.asdict(KernelOptions())}
+    step2 = figures["step2"]  # the planner's choice as data: the configured setting fits 500 s
+    assert step2["predicted_seconds"] > 0
+    assert step2 == {**step2, "ran": True, "planned": True, "overlap": 0.25, "tta": False, "stand_ins": 0}
+
+
+def test_the_run_report_says_what_step_2_did_as_data(tmp_path, weights):
+    """``step2`` in the report: the setting that ran, with the planner off, with flips, skipped, absent."""
+    tmp_path.joinpath("in").mkdir()
+    case = tmp_path / "in" / "image_0_nucleus_angle.tif"
+    write_volume(case, _good_volume(), spacing=(1.0, 0.39, 0.39), channel="nucleus", study=3)
+
+    def step2(*extra: str) -> dict | None:
+        report_file = tmp_path / "report.json"
+        assert _run(tmp_path / "in", tmp_path / "out", weights, "--report", str(report_file), *extra) == 0
+        return json.loads(report_file.read_text())["cases"][0]["figures"]["step2"]
+
+    # FAST_INFERENCE_FLAGS: planner off, patch 16, overlap 0.25 (a step of 12), batch 2 (the default);
+    # the 12x40x40 case at 1 x 0.39 um is 20x26x26 at 0.6 um: 2 starts per axis, 8 patches, 4 batches
+    assert step2() == {
+        "ran": True,
+        "planned": False,
+        "grid": [20, 26, 26],
+        "patch": [16, 16, 16],
+        "batch": 2,
+        "overlap": 0.25,
+        "tta": False,
+        "patches": 8,
+        "forward_passes": 4,
+        "predicted_seconds": None,
+        "stand_ins": None,
+    }
+    flips = step2("--tta", "--overlap", "0.5")  # a step of 8: 2, 3, 3 starts
+    assert (flips["tta"], flips["overlap"], flips["patches"], flips["forward_passes"]) == (True, 0.5, 18, 36)
+    # a budget the process has spent on its imports already: the planner skips step 2
+    skipped = step2("--budget-seconds", "1")
+    assert (skipped["ran"], skipped["planned"], skipped["patches"]) == (False, True, 0)
+    assert skipped["forward_passes"] == 0 and skipped["predicted_seconds"] is None
+    assert step2("--no-step2") is None
 
 
 def test_every_input_gets_a_matching_output_and_nothing_else(tmp_path, weights):
