@@ -7,7 +7,7 @@ usage() {
   cat <<'EOF_USAGE'
 usage: ./build-offline.sh [fmc|fmc-train ...] [--stop]
 
-For machines without registry access (README "Containers without registry access"):
+For machines without registry access (docs/containers.md, "Without registry access"):
   1. uses the Docker daemon that answers; else (root) starts one by hand with
      dockerd --storage-driver=vfs --iptables=false --bridge=none (docker.io from apt
      when missing), socket $FMC_DOCKER_HOST, left running for ./test.sh

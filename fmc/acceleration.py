@@ -2,10 +2,9 @@
 
 Why a separate module: these are the knobs the performance work measures one by one
 (``benchmarks/bench_kernels.py``); inference and the benchmark must build the forward
-function the same way. The default precision, ``auto``, is float16 weights on CUDA (docs/performance.md,
-Anchors: 209 vs 156 M voxels/s for float32 on an H100; on held-out pairs N_SSIM moves by
-less than 0.002) and float32 elsewhere. Options a CPU cannot use (fp16, cuDNN) fall back to
-float32 with a warning instead of failing.
+function the same way. The default precision, ``auto``, is float16 weights on CUDA (faster than
+float32 for a negligible change of N_SSIM; figures: docs/performance.md) and float32 elsewhere.
+Options a CPU cannot use (fp16, cuDNN) fall back to float32 with a warning instead of failing.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ changed it, take the network's output where it changed it most.
 
 Two forms of the paper's formula: :func:`difference_weighting` builds new tensors (differentiable;
 used in training on patches) and :func:`difference_weighting_` overwrites the network's output slab
-by slab (inference on a whole volume, where five full-size temporaries would cost 16 GB for study 5).
+by slab (inference on a whole volume, where five temporaries the size of the 0.6 um volume would not
+fit beside it; memory: docs/performance.md, "What keeps fmc lean").
 
 :func:`released_difference_weighting_` is the form of the authors' released code, which differs from
 the paper's text: the weight map is computed coarse and smooth, and the max filter acts on it, not
@@ -24,8 +25,8 @@ def max_filter3d(volume: torch.Tensor, size: int) -> torch.Tensor:
     """Grey-level dilation with a cube of odd ``size`` over the last three dims; borders use the
     valid neighbourhood.
 
-    Separable shifted maxima (one axis at a time) instead of ``max_pool3d``: the same result,
-    2.7x faster on a CPU (no 27-voxel window per output voxel).
+    Separable shifted maxima (one axis at a time) instead of ``max_pool3d``: the same result, faster
+    (no 27-voxel window per output voxel; figures: docs/performance.md).
     """
     if size % 2 == 0:
         raise ValueError(f"max_filter must be odd, got {size}")

@@ -1,9 +1,10 @@
 """Before a case allocates anything big: the grid its spacing implies, and the memory that grid needs.
 
 Why: the method resamples every case to 0.6 um, so the spacing alone decides the working grid. A
-valid but extreme spacing (4x4x4 voxels at 999 um: a 6660^3 grid) asked for a terabyte and died
-in tracebacks and retries; 8^3 voxels at 30 um took 4.5 GB for a 1 KB file; 0.001 um shrank a
-stack to one voxel and wrote one constant. Three rules, checked from shapes alone:
+valid but extreme spacing can ask for more memory than any machine has (4x4x4 voxels at 999 um
+imply a 6660^3 grid) or shrink a stack to a single voxel. Such a case must be refused with one line
+naming the spacing, or fused at its native resolution, before anything big is allocated: never a
+traceback, a retry or a constant output. Three rules, checked from shapes alone:
 
 - **too small** (:func:`fusion_spacing`): when the 0.6 um grid would have fewer than
   :data:`MIN_GRID_AXIS` voxels on an axis that has more, the case is fused at its native

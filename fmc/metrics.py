@@ -123,7 +123,7 @@ def _ssim_map_sum(ux: Any, uy: Any, uxx: Any, uyy: Any, uxy: Any, xp: Any) -> fl
     """Sum of the SSIM map over a block, as skimage writes it (population covariance, data range 1).
 
     Works on groups of z planes with in-place ops: temporaries stay cache-sized instead of
-    allocating a dozen block-sized arrays (measured ~2x faster on CPU).
+    allocating a dozen block-sized arrays, which is faster on a CPU (figures: docs/performance.md).
     """
     c1 = (SSIM_K1 * SSIM_DATA_RANGE) ** 2
     c2 = (SSIM_K2 * SSIM_DATA_RANGE) ** 2
@@ -197,15 +197,16 @@ def _filter_valid_torch(x: torch.Tensor) -> torch.Tensor:
     """Same as :func:`_filter_valid_np` with symmetric shift-and-add passes (any torch device).
 
     Plain float32 elementwise ops: no cuDNN algorithm choice and no TF32 (a cuDNN conv3d would
-    use TF32 by default on Ampere+, too coarse for the variance terms), and on CPU it measured
-    2.6x faster than a (k,1,1) conv3d.
+    use TF32 by default on Ampere+, too coarse for the variance terms), and on a CPU faster than a
+    (k,1,1) conv3d (figures: docs/performance.md).
     """
     r = SSIM_RADIUS
     w = [float(v) for v in _KERNEL]
     for axis in range(3):
         n = x.shape[axis] - 2 * r
         out = x.narrow(axis, r, n) * w[r]
-        for k in range(r):  # in place, no temporaries (2.3x faster on CPU than summing the pair first)
+        # in place, no temporaries: faster than summing the pair first (figures: docs/performance.md)
+        for k in range(r):
             out.add_(x.narrow(axis, k, n), alpha=w[k]).add_(x.narrow(axis, 2 * r - k, n), alpha=w[k])
         x = out
     return x

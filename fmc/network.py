@@ -103,7 +103,7 @@ class RUNetConfig:
 PRESETS: dict[str, RUNetConfig] = {
     # The paper's size: encoder 32-64-128-256-256, residual blocks 1,1,2,2,2 (decoder mirrors), ~54 M.
     "paper": RUNetConfig(channels=(32, 64, 128, 256, 256), blocks=(1, 1, 2, 2, 2)),
-    # Default bundled weights: trained on CPU, ~1 s per 96^3 on 2 CPU threads, ~6.5 MB per step.
+    # Default bundled weights: small enough to train on a CPU (resources/weights/MODEL_CARD.md).
     "small": RUNetConfig(channels=(16, 24, 32, 48, 48), blocks=(1, 1, 1, 1, 1)),
     # Unit tests: tiny and fast, three levels (inputs padded to a multiple of 8).
     "tiny": RUNetConfig(channels=(4, 8, 8), blocks=(1, 1, 1), groups=2),

@@ -39,20 +39,20 @@ OVERLAP_LADDER = (0.5, 0.25, 0.125)
 TTA_FLIPS = 4  # identity + one flip per axis, see FusionPipeline._predictor
 DEFAULT_BUDGET_SECONDS = 600.0
 SAFETY_MARGIN_SECONDS = 60.0
-# A setting fits when its predicted time times this still fits: on CPU (study 4, three runs) the
-# patch loop ran 14-25% slower per batch than the timed batch. A larger margin would trade
-# overlap for fewer stand-ins; what still runs late is caught by the deadline inside step 2
+# A setting fits when its predicted time times this still fits: the patch loop runs slower per
+# batch than the one batch the planner times (figures: docs/performance.md). A larger margin would
+# trade overlap for fewer stand-ins; what still runs late is caught by the deadline inside step 2
 # (fmc.tiling.Deadline).
 PREDICTION_MARGIN = 1.15
-# What follows step 2 (see post_step2_reserve_seconds). Measured on CPU: resampling back cost about
-# two resamplings in, and the native-grid end step with the default card's native detail (its
-# noise pass and in-plane smoothing) 5.6x that (docs/performance.md); difference weighting three
-# more; on a GPU all are small.
+# What follows step 2 (see post_step2_reserve_seconds), counted in this case's own timed resampling
+# in, so the reserve scales with the machine: the native-grid end step (resampling back, the native
+# detail's noise pass and in-plane smoothing) and difference weighting, as measured on CPU (figures:
+# docs/performance.md).
 RESAMPLE_PASSES_AFTER_STEP2 = 11.0
 RESAMPLE_PASSES_OF_DW = 3.0
-# Chosen, not measured here: the host copy and the BigTIFF write of the input's bytes at 200 MB/s,
-# ten times slower than the 0.9 s write of study 5's 2.1 GiB measured on the H100 machine
-# (docs/performance.md), so a slow disk still fits; plus 2 s for opening the file and the log.
+# Chosen, not measured: the host copy and the BigTIFF write of the input's bytes at 200 MB/s, about
+# ten times slower than the write measured on the H100 machine (figures: docs/performance.md), so a
+# slow disk still fits; plus 2 s for opening the file and the log.
 WRITE_BYTES_PER_SECOND = 200e6
 WRITE_FIXED_SECONDS = 2.0
 

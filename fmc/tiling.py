@@ -12,8 +12,8 @@ neighbouring patch (which lacks context) take a large share near the volume's ed
 Memory: a patch's window is ``floor + (1 - floor) * pz(z) py(y) px(x)`` and the patch grid is a
 product of per-axis start lists, so the weight sum at a voxel is ``floor * Nz Ny Nx + (1 - floor)
 * Pz Py Px`` with 1-D coverage counts N and profile sums P. It is computed from 1-D arrays at the
-end instead of accumulated as a full volume, which saves one volume of device memory (3 GiB for
-study 5 at 0.6 um).
+end instead of accumulated as a full volume, which saves one 0.6 um volume of device memory
+(memory: docs/performance.md, "What keeps fmc lean").
 """
 
 from __future__ import annotations

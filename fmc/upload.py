@@ -1,11 +1,10 @@
 """The input volume's way to the device: a uint16 stack stays 16-bit until it is resampled.
 
-Why: a float32 copy of the input is twice its size. For study 5 (309x1920x1920) that was
-4.2 GiB on the device, the host converting 1.1 G voxels to float before the copy, and 4
-bytes per voxel over the bus. Kept as 16 bits, the input costs 2.1 GiB, crosses the bus at
-2 bytes per voxel, and each band of planes becomes float32 only when the resampling reads
-it. The bits travel as int16 (every backend can hold and convert int16; PyTorch's uint16 has
-only limited support) and are read back as unsigned.
+Why: a float32 copy of the input is twice its size on the device, costs the host a conversion
+before the copy and 4 bytes per voxel over the bus. Kept as 16 bits, it crosses the bus at 2
+bytes per voxel, and each band of planes becomes float32 only when the resampling reads it
+(memory: docs/performance.md, "What keeps fmc lean"). The bits travel as int16 (every backend can
+hold and convert int16; PyTorch's uint16 has only limited support) and are read back as unsigned.
 
 Resampling is linear with weights summing to 1, so resampling the raw counts and then
 normalizing gives the same result as normalizing first.

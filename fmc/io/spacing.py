@@ -202,7 +202,8 @@ def _resolve_spacing(sources: list[_Source], page: tifffile.TiffPage) -> _Spacin
         )
     if z is None and z_rejected:
         # A Z value that is there but wrong is not "missing": inventing one would resample the
-        # volume by a guess and write the guess back as if it were real (README contract).
+        # volume by a guess and write the guess back as if it were real (docs/inference.md, "The
+        # error contract").
         default = (TARGET_SPACING_UM,) * 3
         where = f"default ({z_rejected[0]})"
         return _SpacingResult(

@@ -21,14 +21,14 @@ from fmc.training.config import ABLATIONS, FitConfig, resolve_config
 
 log = logging.getLogger("fmc.train")
 
-#: Extra spellings users expect, e.g. ``fit --data /data --out /runs/NAME`` in the README.
+#: Extra spellings users expect, e.g. ``fit --data /data --out /runs/NAME`` in docs/containers.md.
 FLAG_ALIASES: dict[str, tuple[str, ...]] = {"run_dir": ("--out",)}
 DOCKER_EPILOG = """\
 In the fmc-train image (data-loader workers pass batches through /dev/shm, which Docker
 limits to 64 MB: give the container --ipc=host or --shm-size, or fit falls back to
 --num-workers 0 with a warning):
   docker run --gpus all --ipc=host -v DATA:/data -v RUNS:/runs fmc-train fit --data /data --out /runs/NAME
-On a CPU, see README "Training on a CPU" (GPU-sized defaults take minutes per step).
+On a CPU, see docs/training.md "Training on a CPU" (GPU-sized defaults take minutes per step).
 """
 
 
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     table = sub.add_parser(
         "table",
         parents=[common],
-        help="the quality table (README, model card): baselines and model variants per channel and family",
+        help="the quality table (the model card's): baselines and model variants per channel and family",
         description=(
             "Score the baselines (identity, gaussian, gaussian-tuned, resample) and the model's variants "
             "(step 1, two steps, each DW form, the safeguard and the native detail on and off) on one or "

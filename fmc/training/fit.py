@@ -126,9 +126,9 @@ def check_shared_memory(config: FitConfig, shm: Path | None = None) -> int:
     return 0
 
 
-# Measured (issue 13): `fit` with the defaults (small preset, one 224^3 global volume per step,
-# GAN on) took 57 s per step on 2 CPU cores; the small generator costs 42.9 kFLOP per voxel
-# forward, so about 3 x 42.9e3 x 224^3 / 57 / 2 = 6.4 GFLOP/s per core for a whole training step.
+# A whole training step's rate per CPU core (forward + backward + optimiser, the adversarial term on),
+# from one timed CPU run of `fit` with GPU-sized settings and the generator's counted FLOPs; it turns
+# FLOPs into the estimate of warn_cpu_sized (figures: docs/performance.md, "Further measurements").
 CPU_TRAIN_FLOPS_PER_CORE = 6.4e9
 
 
@@ -183,8 +183,8 @@ def warn_cpu_sized(config: FitConfig) -> dict[int, float]:
         )
         log.warning(
             "training on the CPU with GPU-sized settings (global %d^3 x %d, patches %d^3 x %d, %s preset): "
-            "%s (estimated from this network's FLOPs and a measured CPU rate). For a CPU run see README "
-            "'Training on a CPU': %s",
+            "%s (estimated from this network's FLOPs and a measured CPU rate). For a CPU run see "
+            "docs/training.md 'Training on a CPU': %s",
             config.method.global_size,
             config.optimiser.batch_global,
             config.method.patch,

@@ -1,4 +1,4 @@
-"""``train.py table``: the one quality table of the README and the model card, from exported weights.
+"""``train.py table``: the one quality table (resources/weights/MODEL_CARD.md), from exported weights.
 
 Rows are methods, the baselines of :mod:`fmc.baselines` first, then the model's variants run
 through the real pipeline (step 1 alone, two steps, each DW form, the safeguard and the native
