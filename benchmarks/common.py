@@ -589,6 +589,27 @@ def print_json(report: dict) -> None:
     print(json.dumps(report, indent=2, default=_json_default))
 
 
+def write_json(path: Path, data: object) -> None:
+    """``data`` as strict JSON in ``path``, whole or not at all (a reader may look while a run goes on).
+
+    NaN and inf become null: a throughput over no timed batch is NaN, which strict readers refuse.
+    """
+    plain = json.loads(json.dumps(data, default=_json_default))
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(_finite(plain), indent=2, allow_nan=False) + "\n")
+    temporary.replace(path)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
 def _json_default(value: object) -> object:
     if isinstance(value, Path):
         return str(value)

@@ -16,6 +16,7 @@ import tifffile
 import torch
 from conftest import FAST_INFERENCE_FLAGS, inference_args
 
+from benchmarks.cuda_agreement import TOLERANCES, differences
 from fmc import infer
 from fmc.acceleration import KernelOptions
 from fmc.infer import build_parser, main, options_from_args
@@ -320,13 +321,12 @@ def test_freeing_memory_after_a_sticky_cuda_error_does_not_raise(monkeypatch, ca
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: compares the GPU path with the CPU path"
 )
-def test_cpu_and_gpu_paths_agree(tmp_path, weights):
+@pytest.mark.parametrize("precision", sorted(TOLERANCES))
+def test_cpu_and_gpu_paths_agree(tmp_path, weights, precision):
     _write_good_cases(tmp_path / "in")
     base = ["--input", str(tmp_path / "in"), "--weights", str(weights), *FAST_INFERENCE_FLAGS[2:]]
     assert main([*base, "--output", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
-    assert main([*base, "--output", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
+    assert main([*base, "--output", str(tmp_path / "gpu"), "--device", "cuda", "--precision", precision]) == 0
     for fused in (tmp_path / "cpu").iterdir():
-        cpu = read_case(fused).volume.astype(np.int64)
-        gpu = read_case(tmp_path / "gpu" / fused.name).volume.astype(np.int64)
-        span = max(1, int(cpu.max() - cpu.min()))
-        assert np.abs(cpu - gpu).max() <= 0.01 * span
+        found = differences(read_case(fused).volume, read_case(tmp_path / "gpu" / fused.name).volume)
+        assert TOLERANCES[precision].admits(found), (fused.name, found)
