@@ -385,6 +385,9 @@ def _fuse_one(
         "memory_high_water_gib": dict(pipeline.memory_high_water_gib),
         "step2_decisions": list(pipeline.step2_decisions),
         "step2": _step2_figures(pipeline, plan.grid),
+        # the safeguard's choice (fmc.change_gate): closeness None when the card has no gate
+        "safeguard": {"closeness": pipeline.gate.closeness, "change_strength": pipeline.gate.strength},
+        "native_detail_kept": pipeline.native_detail.gain,
     }
     return summary, figures
 
@@ -635,6 +638,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the model card's)",
     )
     parser.add_argument(
+        "--close-change-strength",
+        type=float,
+        default=None,
+        help="the share added instead in a case whose closeness reaches --closeness-threshold, 0-1 "
+        "(default: the model card's)",
+    )
+    parser.add_argument(
+        "--closeness-threshold",
+        type=float,
+        default=None,
+        help="SSIM(input, prediction) at 0.6 um from which a case counts as close to its truth, 0-1; "
+        "1 = no gate (default: the model card's, else 1)",
+    )
+    parser.add_argument(
         "--native-detail",
         type=float,
         default=None,
@@ -718,6 +735,8 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         detail_noise_weight=args.detail_noise_weight,
         detail_sigma=args.detail_sigma,
         change_strength=args.change_strength,
+        close_change_strength=args.close_change_strength,
+        closeness_threshold=args.closeness_threshold,
         tta=args.tta,
         global_size=args.global_size,
         tiling=tiling,

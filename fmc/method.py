@@ -33,11 +33,14 @@ DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
 DEFAULT_PATCH = 128
 
 
-#: Upper limits of the output's trust settings (each from 0): shares are at most 1, the noise
-#: weight 4 (a gain of 0 from a quarter of noise), the in-plane sigma 3 voxels.
+#: Upper limits of the output's trust settings (each from 0): shares and the closeness threshold
+#: (an SSIM) are at most 1, the noise weight 4 (a gain of 0 from a quarter of noise), the in-plane
+#: sigma 3 voxels.
 OUTPUT_SETTING_LIMITS = {
     "native_detail": 1.0,
     "change_strength": 1.0,
+    "close_change_strength": 1.0,
+    "closeness_threshold": 1.0,
     "detail_noise_weight": 4.0,
     "detail_sigma": 3.0,
 }
@@ -68,7 +71,7 @@ class MethodSettings:
     step1_mode: str = "output"
     # Step 2's input channels by name; () for cards that predate the list: see step2_channels.
     step2_inputs: tuple[str, ...] = ()
-    # The native-grid output (README, "What it does"): the change predicted at 0.6 um is added to
+    # The native-grid output (docs/inference.md, "The method"): the change predicted at 0.6 um is added to
     # the native input. The share of the input's detail finer than the 0.6 um grid kept per case
     # (fmc.native_detail) is clip(native_detail - detail_noise_weight * that detail's noise share,
     # 0, 1): the defaults (1, 0) keep all of it; native_detail 0 is the 0.6 um round trip.
@@ -76,8 +79,12 @@ class MethodSettings:
     detail_noise_weight: float = 0.0
     # In-plane Gaussian sigma (input voxels) on the native input before its detail is weighed; 0: none.
     detail_sigma: float = 0.0
-    # The safeguard: the networks' change is scaled by this before it is added (1: all; 0: none).
+    # The safeguard (fmc.change_gate): the networks' change is scaled by change_strength before it
+    # is added (1: all; 0: none), or by close_change_strength in a case whose closeness
+    # (SSIM(input, prediction) at 0.6 um) is at least closeness_threshold; a threshold of 1: no gate.
     change_strength: float = 1.0
+    close_change_strength: float = 1.0
+    closeness_threshold: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step2_inputs", tuple(self.step2_inputs))  # JSON gives a list

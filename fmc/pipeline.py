@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fmc.acceleration import Forward, KernelOptions, build_forward
+from fmc.change_gate import GateDecision, closeness, decide, strength_for
 from fmc.difference_weighting import difference_weighting_, released_difference_weighting_
 from fmc.distance import coarse_distance_channel
 from fmc.memory import high_water_gib
@@ -63,6 +64,8 @@ class PipelineConfig:
     detail_noise_weight: float | None = None  # how much that share drops with its noise; None: the card's
     detail_sigma: float | None = None  # in-plane smoothing of the native input (voxels); None: the card's
     change_strength: float | None = None  # the safeguard's scale of the change; None: the card's
+    close_change_strength: float | None = None  # the scale in a close case (fmc.change_gate); None: card's
+    closeness_threshold: float | None = None  # closeness from which a case is close; None: the card's
     tta: bool = False
     global_size: int | None = None  # None: what the step-1 model was trained at (card)
     target_spacing: float = TARGET_SPACING_UM
@@ -109,6 +112,8 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
         "detail_noise_weight": config.detail_noise_weight,
         "detail_sigma": config.detail_sigma,
         "change_strength": config.change_strength,
+        "close_change_strength": config.close_change_strength,
+        "closeness_threshold": config.closeness_threshold,
     }
     stored = _stored_settings(models)
     sources = {
@@ -202,6 +207,8 @@ class FusionPipeline:
         self.step2_plan: StepTwoPlan | None = None
         self.step2_stand_ins: int | None = None
         self.native_detail = UNTOUCHED  # how the last run() took the native input
+        self.gate = GateDecision(None, 1.0)  # the safeguard's choice in the last run()
+        self.closeness_by_dw: dict[str, float] = {}  # per DW form, in the last run_each_setting()
         if self.step1_model is None and self.step2_model is None:
             raise ValueError(
                 "the pipeline has no model to run: enable step 1 or step 2 and provide its weights"
@@ -285,9 +292,10 @@ class FusionPipeline:
             )
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
             with self._timed(timings, "resample_out", dev):
+                self.gate = decide(self.settings, iso, prediction)
                 detail = self._plan_native_detail(volume, iso, bounds, spacing, self.settings)
                 result = add_change_on_native_grid(
-                    volume, iso, prediction, bounds, detail, self.settings.change_strength, out
+                    volume, iso, prediction, bounds, detail, self.gate.strength, out
                 )
         return result, timings
 
@@ -335,11 +343,13 @@ class FusionPipeline:
         """One uint16 prediction per settings in ``variants`` from a single pass of the networks.
 
         The variants may differ in what acts after the networks (the DW form, the native detail,
-        ``change_strength``); each result is the bytes ``run`` gives with those settings (no
-        deadline). For the quality table and for fitting the safeguard on validation pairs.
+        the safeguard); each result is the bytes ``run`` gives with those settings (no deadline).
+        The closeness of each DW form's prediction (:mod:`fmc.change_gate`) is kept in
+        ``closeness_by_dw``. For the quality table and for fitting the safeguard on validation pairs.
         """
         timings: dict[str, float] = {}
         results: list[np.ndarray] = []
+        self.closeness_by_dw = {}
         with torch.inference_mode():
             iso, bounds = to_isotropic(
                 volume, spacing, self.device, self.config.target_spacing, self._timed, timings
@@ -351,11 +361,12 @@ class FusionPipeline:
                 if key not in plans:
                     plans[key] = self._plan_native_detail(volume, iso, bounds, spacing, settings)
                 prediction = weigh_differences(iso, before.clone(), settings)
-                results.append(
-                    add_change_on_native_grid(
-                        volume, iso, prediction, bounds, plans[key], settings.change_strength
-                    )
-                )
+                form = settings.difference_weighting
+                if form not in self.closeness_by_dw:
+                    self.closeness_by_dw[form] = closeness(iso, prediction)
+                strength = strength_for(settings, self.closeness_by_dw[form])
+                output = add_change_on_native_grid(volume, iso, prediction, bounds, plans[key], strength)
+                results.append(output)
         return results
 
     @torch.inference_mode()  # also when training's validation calls it under no_grad only

@@ -130,6 +130,25 @@ def test_the_run_report_says_what_step_2_did_as_data(tmp_path, weights):
     assert step2("--no-step2") is None
 
 
+def test_the_run_report_says_what_the_safeguard_chose(tmp_path, weights):
+    """``safeguard`` in the report: the case's closeness when the gate is on, and the share added."""
+    tmp_path.joinpath("in").mkdir()
+    case = tmp_path / "in" / "image_0_nucleus_angle.tif"
+    write_volume(case, _good_volume(), spacing=(1.0, 0.39, 0.39), channel="nucleus", study=3)
+
+    def safeguard(*extra: str) -> dict:
+        report_file = tmp_path / "report.json"
+        assert _run(tmp_path / "in", tmp_path / "out", weights, "--report", str(report_file), *extra) == 0
+        return json.loads(report_file.read_text())["cases"][0]["figures"]["safeguard"]
+
+    assert safeguard("--closeness-threshold", "1", "--change-strength", "0.5") == {
+        "closeness": None,
+        "change_strength": 0.5,
+    }
+    gated = safeguard("--closeness-threshold", "0", "--close-change-strength", "0.25")
+    assert 0.0 < gated["closeness"] <= 1.0 and gated["change_strength"] == 0.25
+
+
 def test_every_input_gets_a_matching_output_and_nothing_else(tmp_path, weights):
     names = _write_good_cases(tmp_path / "in")
     assert _run(tmp_path / "in", tmp_path / "out", weights) == 0

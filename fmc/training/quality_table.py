@@ -57,9 +57,15 @@ VARIANTS = (
     Variant("step 1", False, "none"),
     Variant("step 1 + DW (paper)", False, "paper"),
     Variant("two steps", True, "none"),
-    Variant("two steps, safeguard off", True, "none", (("change_strength", 1.0),)),
     Variant(
-        "two steps, networks' change off (native detail only)", True, "none", (("change_strength", 0.0),)
+        "two steps, safeguard off", True, "none", (("change_strength", 1.0), ("closeness_threshold", 1.0))
+    ),
+    Variant("two steps, no closeness gate", True, "none", (("closeness_threshold", 1.0),)),
+    Variant(
+        "two steps, networks' change off (native detail only)",
+        True,
+        "none",
+        (("change_strength", 0.0), ("close_change_strength", 0.0)),
     ),
     Variant(
         "two steps, all native detail kept",
