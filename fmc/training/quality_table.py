@@ -58,9 +58,17 @@ VARIANTS = (
     Variant("step 1 + DW (paper)", False, "paper"),
     Variant("two steps", True, "none"),
     Variant(
-        "two steps, safeguard off", True, "none", (("change_strength", 1.0), ("closeness_threshold", 1.0))
+        "two steps, safeguard off (the whole change in every case)",
+        True,
+        "none",
+        (("change_strength", 1.0), ("closeness_threshold", 1.0)),
     ),
-    Variant("two steps, no closeness gate", True, "none", (("closeness_threshold", 1.0),)),
+    Variant(
+        "two steps, every case counted close (the close strength only)",
+        True,
+        "none",
+        (("closeness_threshold", 0.0),),
+    ),
     Variant(
         "two steps, networks' change off (native detail only)",
         True,
