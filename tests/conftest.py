@@ -77,3 +77,13 @@ def fmc_io_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 @pytest.fixture
 def capture_fmc_io_warnings(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="fmc.io")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip, saying why, on a machine without CUDA (CI runs them nowhere)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

@@ -337,9 +337,7 @@ def test_freeing_memory_after_a_sticky_cuda_error_does_not_raise(monkeypatch, ca
     assert "could not free CUDA memory" in caplog.text
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: compares the GPU path with the CPU path"
-)
+@pytest.mark.cuda  # compares the GPU path with the CPU path; skipped without CUDA (conftest)
 @pytest.mark.parametrize("precision", sorted(TOLERANCES))
 def test_cpu_and_gpu_paths_agree(tmp_path, weights, precision):
     _write_good_cases(tmp_path / "in")

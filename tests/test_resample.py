@@ -236,9 +236,7 @@ def test_sitk_round_trip_and_same_shape():
     assert np.array_equal(copy, volume) and copy is not volume
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: compares the GPU path with the CPU path"
-)
+@pytest.mark.cuda  # compares the GPU path with the CPU path; skipped without CUDA (conftest)
 @pytest.mark.parametrize(("in_shape", "out_shape"), SHAPE_PAIRS)
 def test_cuda_matches_cpu(in_shape, out_shape):
     volume = rand(in_shape, seed=4)

@@ -197,9 +197,7 @@ def test_volume_must_be_four_dimensional():
         sliding_window_inference(torch.zeros(10, 10, 10), identity, TilingConfig(patch=PATCH))
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: compares the GPU path with the CPU path"
-)
+@pytest.mark.cuda  # compares the GPU path with the CPU path; skipped without CUDA (conftest)
 def test_cuda_matches_cpu():
     volume = random_volume((2, 37, 50, 29))
     torch.manual_seed(0)
