@@ -5,7 +5,7 @@ validation pairs the networks' whole change made such cases clearly worse than t
 (N_SSIM down to -4 where SSIM(input, fused) is 0.95-0.97), while far views gained most from
 all of it. The truth is unknown at inference, but the networks' own prediction estimates it:
 SSIM(0.6 um input, 0.6 um prediction), the case's *closeness*, follows SSIM(input, fused)
-(correlation 0.86 on 148 validation pairs, docs in the model card). A case at or above the
+(figures: resources/weights/MODEL_CARD.md, "How it was trained"). A case at or above the
 card's ``closeness_threshold`` gets ``close_change_strength`` of the change, any other case
 ``change_strength``. Both strengths and the threshold are fitted on validation pairs
 (:mod:`fmc.training.safeguard_fit`); a threshold of 1 turns the gate off (every case gets
