@@ -334,10 +334,10 @@ def prepare_training_data(settings: Settings, run_dir: Path) -> tuple[Path, Path
     draws a study per pair, so a handful of pairs are all singletons and all go to training:
     no validation would run. Here the last image id validates, whatever its study.
     """
+    from fmc.data.split import SplitRow, write_split
     from fmc.simulate import write_dataset
     from fmc.training.cache import load_manifest
     from fmc.training.cli import main as train_main
-    from fmc.training.split import SplitRow, write_split
 
     pairs, shape, global_size = (2, (24, 64, 64), 32) if settings.quick else (3, (64, 192, 192), 224)
     data, cache, split = run_dir / "simulated", run_dir / "cache", run_dir / "split_gpu_check.csv"

@@ -154,9 +154,9 @@ def sigma_of_models(models: Iterable[Any], channel: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: fit the tuned sigma per channel on a folder of pairs and store it in the model cards."""
+    from fmc.data.pairs import find_pairs
+    from fmc.data.split import read_split
     from fmc.io import read_case
-    from fmc.training.pairs import find_pairs
-    from fmc.training.split import read_split
 
     parser = argparse.ArgumentParser(
         prog="python -m fmc.baselines",

@@ -1,10 +1,8 @@
 """Training of the two-step fusion model (``train.py``).
 
-One job per module:
+One job per module (the pairs on disk and the split are :mod:`fmc.data`'s):
 
-- ``pairs``: find angle/fused pairs, reconcile their metadata;
 - ``cache``: ``prepare`` -- resample + normalize pairs into a memory-mapped float16 cache;
-- ``split``: seeded stratified split by image id, or held-out studies;
 - ``data`` / ``datamodule``: datasets (global volumes, random crops) and the LightningDataModule;
 - ``step1_outputs``: cached step-1 predictions, the second input channel of step 2;
 - ``losses``: MAE, SSIM, Pearson, cosine, adversarial;

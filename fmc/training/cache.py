@@ -25,13 +25,13 @@ import torch
 from tqdm import tqdm
 
 from fmc.atomic import atomic_write_bytes
+from fmc.data.pairs import PairedFiles, find_pairs, reconcile
 from fmc.device import select_device
 from fmc.distance import coarse_distance_channel
 from fmc.io import CaseError, read_case
 from fmc.method import DEFAULT_GLOBAL_SIZE, TARGET_SPACING_UM
 from fmc.normalization import PERCENTILE_HIGH, PERCENTILE_LOW, percentile_normalize
 from fmc.resample import isotropic_shape, resample_to_shape
-from fmc.training.pairs import PairedFiles, find_pairs, reconcile
 
 log = logging.getLogger(__name__)
 

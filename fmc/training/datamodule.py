@@ -15,13 +15,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
+from fmc.data.split import SplitRow, make_split, read_split, split_summary, write_split
 from fmc.network import RUNet
 from fmc.training.cache import CachedCase, Manifest, load_manifest
 from fmc.training.config import FitConfig
 from fmc.training.data import GlobalDataset, JointDataset, PatchDataset, ValidationCases, first_item
 from fmc.training.pipeline_config import pipeline_config_of
 from fmc.training.sources import ensure_cache, load_matching_manifest
-from fmc.training.split import SplitRow, make_split, read_split, split_summary, write_split
 from fmc.training.step1_outputs import compute_step1_outputs
 
 log = logging.getLogger(__name__)

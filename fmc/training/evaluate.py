@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 from fmc.acceleration import KernelOptions
 from fmc.baselines import BASELINES, baseline_prediction, sigma_of_models
+from fmc.data.pairs import PairedFiles, find_pairs, reconcile
+from fmc.data.split import read_split
 from fmc.io import CaseError, read_case
 from fmc.metrics import n_ssim
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
 from fmc.tiling import TilingConfig
-from fmc.training.pairs import PairedFiles, find_pairs, reconcile
-from fmc.training.split import read_split
 from fmc.weights import ModelSet, discover_models
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fmc.data.split import read_split, split_summary
 from fmc.method import CHANNELS
 from fmc.network import RUNet, RUNetConfig
 from fmc.normalization import CARD_NORMALIZATION
 from fmc.training.checkpoints import load_checkpoint, sub_state
 from fmc.training.config import FitConfig
-from fmc.training.split import read_split, split_summary
 from fmc.weights import ModelCard, save_model
 
 log = logging.getLogger(__name__)

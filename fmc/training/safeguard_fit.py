@@ -30,11 +30,11 @@ import torch
 
 from fmc.change_gate import GATE_OFF
 from fmc.cli_help import DefaultsHelpFormatter
+from fmc.data.pairs import find_pairs, reconcile
 from fmc.io import read_case
 from fmc.metrics import n_ssim
 from fmc.pipeline import FusionPipeline
 from fmc.training.evaluate import pipeline_config_for
-from fmc.training.pairs import find_pairs, reconcile
 from fmc.weights import ModelCard, discover_models, update_cards
 
 log = logging.getLogger(__name__)

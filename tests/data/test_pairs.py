@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fmc.data.pairs import PairedFiles, find_pairs, reconcile
 from fmc.io import CaseMetadata
-from fmc.training.pairs import PairedFiles, find_pairs, reconcile
 
 
 def _touch(folder: Path, *names: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fmc.training.split import make_split, read_split, split_summary, write_split
+from fmc.data.split import make_split, read_split, split_summary, write_split
 
 
 def _cases() -> list[tuple[str, int, str, int | None]]:

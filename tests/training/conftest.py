@@ -63,8 +63,8 @@ def tiny_fit_args(run: Path, cache: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def split_csv(sim_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Image 0 (both channels) trains, image 1 validates, whatever studies the simulator drew."""
+    from fmc.data.split import SplitRow, write_split
     from fmc.training.cache import load_manifest
-    from fmc.training.split import SplitRow, write_split
 
     rows = [
         SplitRow(c.id, c.image_id, c.channel, c.study, "val" if c.image_id == 1 else "train")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from fmc.data.split import SplitRow, split_summary
 from fmc.training import fit
 from fmc.training.cli import build_parser, main
 from fmc.training.config import FitConfig
-from fmc.training.split import SplitRow, split_summary
 
 from .conftest import tiny_fit_args
 
