@@ -24,10 +24,10 @@ import pytest
 import tifffile
 from conftest import FAST_INFERENCE_FLAGS, inference_args
 
-from fmc import infer
-from fmc.infer import build_parser, explicit_weights_problem, main, preview_image
+from fmc.infer import build_parser, explicit_weights_problem, main
 from fmc.io import fit_uint16_range, read_case
 from fmc.pipeline import FusionPipeline
+from fmc.projections import mip_projections, preview_image
 from fmc.simulated_tiff import write_volume
 
 REPO = Path(__file__).resolve().parent.parent
@@ -420,7 +420,7 @@ def test_fused_files_among_the_inputs_are_named(tmp_path, tiny_weights, caplog):
 def test_the_preview_has_labels_and_an_xz_view(tmp_path, tiny_weights):
     volume = np.zeros((10, 30, 40), dtype=np.uint16)
     volume[5, 15, 20] = 1000
-    image = preview_image(infer.mip_projections(volume), volume, spacing=(2.0, 0.5, 0.5))
+    image = preview_image(mip_projections(volume), volume, spacing=(2.0, 0.5, 0.5))
     label = 14
     xy_height, xz_height = 30 + label, 10 * 4 + label  # z stretched to the physical aspect (2.0 / 0.5)
     assert image.shape == (xy_height + 4 + xz_height, 2 * 40 + 4)

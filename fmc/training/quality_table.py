@@ -23,11 +23,11 @@ import torch
 
 from fmc.baselines import BASELINES, baseline_prediction, sigma_of_models
 from fmc.data.pairs import find_pairs, reconcile
-from fmc.infer import labelled_projections, mip_projections
 from fmc.io import read_case
 from fmc.method import MethodSettings
 from fmc.metrics import n_ssim, ssim_scores
 from fmc.pipeline import FusionPipeline
+from fmc.projections import labelled_projections, mip_projections
 from fmc.training.evaluate import pipeline_config_for
 from fmc.training.preview import save_png
 from fmc.weights import discover_models
