@@ -18,8 +18,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,6 @@ BASELINE_KEY = "baselines"
 SIGMA_RANGE = (0.2, 4.0)  # voxels; golden-section search bounds
 
 
-@contextmanager
-def _untimed(timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
-    yield
-
-
 def resample_baseline(
     volume: np.ndarray,
     spacing: Sequence[float],
@@ -54,7 +48,7 @@ def resample_baseline(
 
     with torch.inference_mode():
         iso, bounds = to_isotropic(
-            volume, tuple(float(s) for s in spacing), torch.device(device), target_spacing, _untimed, {}
+            volume, tuple(float(s) for s in spacing), torch.device(device), target_spacing
         )
         return round_trip_uint16(iso, tuple(volume.shape), bounds)
 

@@ -577,16 +577,23 @@ def to_isotropic(
     spacing: tuple[float, float, float],
     device: torch.device,
     target_spacing: float,
-    stage: StageTimer,
-    timings: dict[str, float],
+    stage: StageTimer | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, tuple[float, float]]:
     """The method's first step: the volume on ``device``, normalized by its (p2, p99.8) bounds and
-    resampled to ``target_spacing`` isotropic; returns it and the bounds (to map back)."""
-    with stage(timings, "to_device", device):
+    resampled to ``target_spacing`` isotropic; returns it and the bounds (to map back).
+
+    ``stage`` times each part into ``timings``; without it nothing is timed."""
+    timings = {} if timings is None else timings
+
+    def timed(name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if stage is None else stage(timings, name, device)
+
+    with timed("to_device"):
         raw = upload(volume, device)
-    with stage(timings, "normalize", device):
+    with timed("normalize"):
         lo, hi = raw.percentile_bounds()
-    with stage(timings, "resample_in", device):
+    with timed("resample_in"):
         # resampling is linear with unit-sum weights: normalizing after it is the same
         iso_shape = isotropic_shape(tuple(volume.shape), spacing, target_spacing)
         iso = resample_to_shape(raw, iso_shape).sub_(lo).div_(hi - lo if hi > lo else 1.0)
