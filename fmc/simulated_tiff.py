@@ -15,7 +15,7 @@ import tifffile
 
 from fmc.atomic import atomic_write
 from fmc.io.case import KEY_SPELLINGS, METADATA_STYLES
-from fmc.io.metadata import _norm_unit, _unit_to_um
+from fmc.io.metadata import norm_unit, unit_to_um
 
 
 def _spelled_keys(spelling: str) -> tuple[str, str, str]:
@@ -60,7 +60,7 @@ def write_volume(
     if style not in METADATA_STYLES:
         raise ValueError(f"style must be one of {METADATA_STYLES}, got {style!r}")
     kx, ky, kz = _spelled_keys(key_spelling)
-    factor = _unit_to_um(unit)
+    factor = unit_to_um(unit)
     if factor is None:
         raise ValueError(f"unit {unit!r} is not a length unit")
     z_um, y_um, x_um = (float(s) for s in spacing)
@@ -93,7 +93,7 @@ def write_volume(
             "resolutionunit": tifffile.RESUNIT.CENTIMETER,
         }
     else:  # ome
-        ome_unit = _OME_UNIT.get(_norm_unit(unit), unit)
+        ome_unit = _OME_UNIT.get(norm_unit(unit), unit)
         metadata = {
             "axes": "ZYX",
             "PhysicalSizeX": x,

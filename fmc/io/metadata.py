@@ -1,7 +1,7 @@
 """Metadata sources of a platform TIFF and the unit / key rules (see :mod:`fmc.io` for the rules).
 
 Every place metadata hides in a TIFF (shaped JSON, ImageJ, ``key=value`` lines, OME-XML, other
-JSON) becomes one :class:`_Source`, in priority order; keys and units are normalized here.
+JSON) becomes one :class:`Source`, in priority order; keys and units are normalized here.
 """
 
 from __future__ import annotations
@@ -36,24 +36,24 @@ _UM_PER_UNIT: dict[str, float] = {
     **_units("in inch inches", 25400.0),
 }
 _UNCALIBRATED = frozenset({"pixel", "pixels", "px", "pix", "voxel", "voxels"})
-_RESUNIT_UM = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit -> micrometres per unit
-_RESUNIT_NAME = {1: "NONE", 2: "INCH", 3: "CENTIMETER", 4: "MILLIMETER", 5: "MICROMETER"}
+RESUNIT_UM = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit -> micrometres per unit
+RESUNIT_NAME = {1: "NONE", 2: "INCH", 3: "CENTIMETER", 4: "MILLIMETER", 5: "MICROMETER"}
 
 
-def _norm_key(key: object) -> str:
+def norm_key(key: object) -> str:
     """``PhysicalSizeX`` / ``physicalsizex`` / ``physical_size_x`` -> ``physicalsizex``."""
     return re.sub(r"[^a-z0-9]", "", str(key).lower())
 
 
-def _norm_unit(unit: object) -> str:
+def norm_unit(unit: object) -> str:
     text = str(unit).strip().lower()
     text = text.replace("\\u00b5", "µ").replace("\\u03bc", "µ").replace("μ", "µ")
     return text.strip(" []()")
 
 
-def _unit_to_um(unit: object) -> float | None:
+def unit_to_um(unit: object) -> float | None:
     """Micrometres per ``unit``; None when uncalibrated (pixel). Raises KeyError when unknown."""
-    text = _norm_unit(unit)
+    text = norm_unit(unit)
     if text in _UNCALIBRATED:
         return None
     return _UM_PER_UNIT[text]
@@ -65,7 +65,7 @@ _NUMBER = re.compile(
 )
 
 
-def _number(value: object) -> tuple[float | None, str | None]:
+def parse_number(value: object) -> tuple[float | None, str | None]:
     """A float (and an inline unit, ``"0.195 um"``) from a metadata value; (None, None) if not numeric."""
     if isinstance(value, bool) or value is None:
         return None, None
@@ -78,7 +78,7 @@ def _number(value: object) -> tuple[float | None, str | None]:
     return None, None
 
 
-def _plausible(value: float) -> bool:
+def plausible(value: float) -> bool:
     low, high = PLAUSIBLE_SPACING_UM
     return math.isfinite(value) and low <= value <= high
 
@@ -87,7 +87,7 @@ def _plausible(value: float) -> bool:
 
 
 @dataclass
-class _Source:
+class Source:
     """One place metadata was found: normalized lookup plus the original key/values."""
 
     name: str
@@ -99,7 +99,7 @@ class _Source:
     def __post_init__(self) -> None:
         self.values, self.keys = {}, {}
         for key, value in self.raw.items():
-            norm = _norm_key(key)
+            norm = norm_key(key)
             if norm and norm not in self.values:
                 self.values[norm] = value
                 self.keys[norm] = str(key)
@@ -183,10 +183,10 @@ def _parse_ome(xml: str) -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any, depth: int = 0) -> Any:
-    """A JSON-safe copy of a metadata value, or ``_DROP`` (arrays, bytes, objects)."""
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy of a metadata value, or ``DROP`` (arrays, bytes, objects)."""
     if depth > 4:
-        return _DROP
+        return DROP
     if isinstance(value, np.generic):
         value = value.item()
     if value is None or isinstance(value, (bool, int, str)):
@@ -194,59 +194,59 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)) and len(value) <= 64:
-        items = [_jsonable(v, depth + 1) for v in value]
-        return _DROP if any(v is _DROP for v in items) else items
+        items = [jsonable(v, depth + 1) for v in value]
+        return DROP if any(v is DROP for v in items) else items
     if isinstance(value, dict):
-        items = {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
-        return {k: v for k, v in items.items() if v is not _DROP}
+        items = {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not DROP}
     if isinstance(value, np.ndarray) and value.size <= 64:
-        return _jsonable(value.tolist(), depth + 1)
-    return _DROP
+        return jsonable(value.tolist(), depth + 1)
+    return DROP
 
 
-_DROP = object()
+DROP = object()
 
 
-def _collect_sources(tif: tifffile.TiffFile) -> tuple[list[_Source], tifffile.TiffPage]:
+def collect_sources(tif: tifffile.TiffFile) -> tuple[list[Source], tifffile.TiffPage]:
     """Every metadata variant present in the file, highest priority first."""
     page = tif.pages.first
-    sources: list[_Source] = []
+    sources: list[Source] = []
     shaped = tif.shaped_metadata if tif.is_shaped else None
     if shaped:
-        sources.append(_Source("shaped", {k: v for k, v in shaped[0].items() if k != "shape"}))
+        sources.append(Source("shaped", {k: v for k, v in shaped[0].items() if k != "shape"}))
     if tif.is_ome:
         try:
-            sources.append(_Source("ome", _parse_ome(tif.ome_metadata or ""), default_unit="um"))
+            sources.append(Source("ome", _parse_ome(tif.ome_metadata or ""), default_unit="um"))
         except ET.ParseError as exc:
             log.warning("%s: OME-XML unreadable, ignored (%s)", Path(tif.filehandle.path).name, exc)
     imagej = tif.imagej_metadata if tif.is_imagej else None
     if imagej:
-        raw = {k: v for k, v in imagej.items() if _norm_key(k) not in _IMAGEJ_BOOKKEEPING}
-        sources.append(_Source("imagej", raw))
+        raw = {k: v for k, v in imagej.items() if norm_key(k) not in _IMAGEJ_BOOKKEEPING}
+        sources.append(Source("imagej", raw))
     description = (page.description or "").strip()
     if not (shaped or imagej or tif.is_ome) and description:
         if description.startswith("{"):
             parsed = _parse_json_description(description)
             if parsed is not None:
-                sources.append(_Source("json", {k: v for k, v in parsed.items() if k != "shape"}))
+                sources.append(Source("json", {k: v for k, v in parsed.items() if k != "shape"}))
         elif not description.startswith("<"):
             pairs = _parse_key_values(description)
             if pairs:
-                sources.append(_Source("keyvalue", pairs))
+                sources.append(Source("keyvalue", pairs))
     return sources, page
 
 
-def _raw_metadata(sources: list[_Source]) -> dict[str, Any]:
+def raw_metadata(sources: list[Source]) -> dict[str, Any]:
     """Union of all sources' key/values (higher priority wins), JSON-safe, for writing back."""
     raw: dict[str, Any] = {}
     taken: set[str] = set()
     for source in sources:
         for key, value in source.raw.items():
-            norm = _norm_key(key)
+            norm = norm_key(key)
             if norm in taken:
                 continue
-            clean = _jsonable(value)
-            if clean is not _DROP:
+            clean = jsonable(value)
+            if clean is not DROP:
                 raw[str(key)] = clean
                 taken.add(norm)
     return raw

@@ -20,8 +20,8 @@ import numpy as np
 import tifffile
 
 from fmc.io.case import TIFF_SUFFIXES, Case, CaseError, CaseMetadata
-from fmc.io.metadata import _collect_sources, _raw_metadata
-from fmc.io.spacing import _first_unit, _resolve_channel, _resolve_spacing, _resolve_study, _SpacingResult
+from fmc.io.metadata import collect_sources, raw_metadata
+from fmc.io.spacing import SpacingResult, first_unit, resolve_channel, resolve_spacing, resolve_study
 from fmc.memory import z_slabs
 from fmc.method import TARGET_SPACING_UM
 from fmc.normalization import UINT16_MAX
@@ -251,13 +251,13 @@ def read_case(path: Path) -> Case:
             with tifffile.TiffFile(path) as tif:
                 volume = _read_pixels(path, tif, capture, size)
                 try:
-                    sources, page = _collect_sources(tif)
+                    sources, page = collect_sources(tif)
                 except Exception as exc:  # damaged metadata is not fatal: the pixels are fine
                     log.warning(
                         "%s: metadata unreadable, ignored (%s: %s)", path.name, type(exc).__name__, exc
                     )
                     sources, page = [], tif.pages.first
-                spacing = _resolve_spacing(sources, page)
+                spacing = resolve_spacing(sources, page)
         except CaseError:
             raise
         except MemoryError:
@@ -283,8 +283,8 @@ def read_case(path: Path) -> Case:
             "%s: constant image (every voxel = %s): there is nothing to fuse", name, volume.reshape(-1)[0]
         )
 
-    channel, channel_source = _resolve_channel(sources, path)
-    study, study_source = _resolve_study(sources, path)
+    channel, channel_source = resolve_channel(sources, path)
+    study, study_source = resolve_study(sources, path)
     for problem in spacing.problems:
         log.debug("%s: spacing: %s", name, problem)
     if spacing.reason:
@@ -305,7 +305,7 @@ def read_case(path: Path) -> Case:
         )
     for note in spacing.notes:
         log.warning("%s: %s", name, note)
-    unit_found = _first_unit(sources, ("physicalsizexunit", "unit", "units"))
+    unit_found = first_unit(sources, ("physicalsizexunit", "unit", "units"))
     meta_sources = {
         "metadata": "+".join(s.name for s in sources) or "none",
         "spacing": _spacing_summary(spacing),
@@ -320,7 +320,7 @@ def read_case(path: Path) -> Case:
         channel=channel,
         study=study,
         unit="um",
-        raw=_raw_metadata(sources),
+        raw=raw_metadata(sources),
         sources=meta_sources,
         dtype=dtype.name,
     )
@@ -335,7 +335,7 @@ def read_case(path: Path) -> Case:
     return Case(path=path, volume=volume, meta=meta)
 
 
-def _spacing_summary(result: _SpacingResult) -> str:
+def _spacing_summary(result: SpacingResult) -> str:
     if not result.valid:
         return "default"
     origins = []

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from fmc.io.metadata import _RESUNIT_NAME, _RESUNIT_UM, _number, _plausible, _Source, _unit_to_um
+from fmc.io.metadata import RESUNIT_NAME, RESUNIT_UM, Source, parse_number, plausible, unit_to_um
 from fmc.method import TARGET_SPACING_UM
 
 log = logging.getLogger("fmc.io")  # one logger for the whole package
@@ -30,7 +30,7 @@ class _Axis:
 
 
 @dataclass
-class _SpacingResult:
+class SpacingResult:
     spacing: tuple[float, float, float]
     valid: bool
     sources: dict[str, str]
@@ -39,7 +39,7 @@ class _SpacingResult:
     reason: str = ""  # why the spacing is invalid, when one value says it all
 
 
-def _first_unit(sources: list[_Source], names: tuple[str, ...]) -> tuple[str, str] | None:
+def first_unit(sources: list[Source], names: tuple[str, ...]) -> tuple[str, str] | None:
     for source in sources:
         for name in names:
             found = source.get(name)
@@ -48,7 +48,7 @@ def _first_unit(sources: list[_Source], names: tuple[str, ...]) -> tuple[str, st
     return None
 
 
-def _source_unit(source: _Source, axis: str) -> tuple[str | None, str]:
+def _source_unit(source: Source, axis: str) -> tuple[str | None, str]:
     """Unit of this source's spacing along ``axis``: per-axis keys, then the generic ``unit``."""
     for name in (f"physicalsize{axis}unit", f"{axis}unit", "unit", "units", "spatialunit"):
         found = source.get(name)
@@ -63,7 +63,7 @@ def _to_um(value: float, unit: str | None, problems: list[str], where: str) -> f
     if unit is None:
         return value  # no unit anywhere: micrometres (the OME default)
     try:
-        factor = _unit_to_um(unit)
+        factor = unit_to_um(unit)
     except KeyError:
         problems.append(f"unknown unit {unit!r} for {where}, assumed micrometres")
         return value
@@ -73,7 +73,7 @@ def _to_um(value: float, unit: str | None, problems: list[str], where: str) -> f
     return value * factor
 
 
-def _axis_candidates(source: _Source, axis: str) -> Iterator[tuple[Any, str]]:
+def _axis_candidates(source: Source, axis: str) -> Iterator[tuple[Any, str]]:
     found = source.get(f"physicalsize{axis}")
     if found is not None:
         yield found
@@ -87,13 +87,13 @@ def _axis_candidates(source: _Source, axis: str) -> Iterator[tuple[Any, str]]:
 
 
 def _find_axis(
-    sources: list[_Source], axis: str, problems: list[str], rejected: list[str] | None = None
+    sources: list[Source], axis: str, problems: list[str], rejected: list[str] | None = None
 ) -> _Axis | None:
     """The first valid spacing along ``axis``; what was present but unusable goes to ``rejected``."""
     rejected = [] if rejected is None else rejected
     for source in sources:
         for value, key in _axis_candidates(source, axis):
-            number, inline_unit = _number(value)
+            number, inline_unit = parse_number(value)
             where = f"{source.name}:{key}"
             if number is None:
                 problems.append(f"{where}={value!r} is not a number")
@@ -105,7 +105,7 @@ def _find_axis(
             if um is None:
                 rejected.append(f"{key}={shown} is in uncalibrated unit {unit!r} ({source.name} metadata)")
                 continue
-            if not _plausible(um):
+            if not plausible(um):
                 problems.append(f"{where}={value!r}{' ' + unit if unit else ''} is not a valid spacing")
                 in_unit = f", unit {unit}" if unit else ""
                 rejected.append(f"{key}={shown} is not a valid spacing ({source.name} metadata{in_unit})")
@@ -122,7 +122,7 @@ def _rational(value: Any) -> float:
 
 
 def _resolution_xy(
-    page: tifffile.TiffPage, sources: list[_Source], problems: list[str]
+    page: tifffile.TiffPage, sources: list[Source], problems: list[str]
 ) -> tuple[_Axis, _Axis] | None:
     """X/Y spacing from the X/YResolution tags (pixels per unit); see the module docstring."""
     tags = page.tags
@@ -139,30 +139,30 @@ def _resolution_xy(
     resunit = int(resunit_tag.value) if resunit_tag is not None else 2  # TIFF default: inch
     imagej = next((s for s in sources if s.name == "imagej"), None)
     ij_unit = imagej.get("unit") if imagej is not None else None
-    meta_unit = _first_unit(sources, ("unit", "units"))
+    meta_unit = first_unit(sources, ("unit", "units"))
 
     def build(um_per_unit: float, note: str) -> tuple[_Axis, _Axis] | None:
         sx, sy = um_per_unit / px, um_per_unit / py
-        if _plausible(sx) and _plausible(sy):
+        if plausible(sx) and plausible(sy):
             return _Axis(sx, f"resolution {note}"), _Axis(sy, f"resolution {note}")
         return None
 
     def per_unit(unit: str) -> float | None:
         try:
-            return _unit_to_um(unit)
+            return unit_to_um(unit)
         except KeyError:
             return 1.0
 
     default = (px, py) == (1.0, 1.0)
-    if resunit in _RESUNIT_UM and not default:
-        found = build(_RESUNIT_UM[resunit], f"[ResolutionUnit {_RESUNIT_NAME[resunit]}]")
+    if resunit in RESUNIT_UM and not default:
+        found = build(RESUNIT_UM[resunit], f"[ResolutionUnit {RESUNIT_NAME[resunit]}]")
         if found:
             return found
         unit, where = meta_unit if meta_unit else ("um", "assumed")
         factor = per_unit(unit)
         if factor is None:
             return None
-        note = f"[pixels per {unit} ({where}); ResolutionUnit {_RESUNIT_NAME[resunit]} ignored]"
+        note = f"[pixels per {unit} ({where}); ResolutionUnit {RESUNIT_NAME[resunit]} ignored]"
         return build(factor, note)
     if ij_unit is not None:
         factor = per_unit(str(ij_unit[0]))
@@ -177,7 +177,7 @@ def _resolution_xy(
     return None if factor is None else build(factor, f"[pixels per {unit} ({where})]")
 
 
-def _resolve_spacing(sources: list[_Source], page: tifffile.TiffPage) -> _SpacingResult:
+def resolve_spacing(sources: list[Source], page: tifffile.TiffPage) -> SpacingResult:
     problems: list[str] = []
     notes: list[str] = []
     x = _find_axis(sources, "x", problems)
@@ -197,7 +197,7 @@ def _resolve_spacing(sources: list[_Source], page: tifffile.TiffPage) -> _Spacin
     if x is None or y is None:
         default = (TARGET_SPACING_UM,) * 3
         where = "default (no valid X/Y spacing)"
-        return _SpacingResult(
+        return SpacingResult(
             default, False, dict.fromkeys(("spacing_x", "spacing_y", "spacing_z"), where), problems, notes
         )
     if z is None and z_rejected:
@@ -206,7 +206,7 @@ def _resolve_spacing(sources: list[_Source], page: tifffile.TiffPage) -> _Spacin
         # error contract").
         default = (TARGET_SPACING_UM,) * 3
         where = f"default ({z_rejected[0]})"
-        return _SpacingResult(
+        return SpacingResult(
             default,
             False,
             dict.fromkeys(("spacing_x", "spacing_y", "spacing_z"), where),
@@ -220,15 +220,15 @@ def _resolve_spacing(sources: list[_Source], page: tifffile.TiffPage) -> _Spacin
         factor = None
         if ij_unit is not None:
             with contextlib.suppress(KeyError):
-                factor = _unit_to_um(ij_unit[0])
-        if factor is not None and _plausible(factor):
+                factor = unit_to_um(ij_unit[0])
+        if factor is not None and plausible(factor):
             z = _Axis(factor, f"assumed 1 {ij_unit[0]} (ImageJ default voxel depth)")
             notes.append(f"no Z spacing: ImageJ's default voxel depth of 1 {ij_unit[0]} assumed")
         else:
             z = _Axis(x.value_um, f"assumed = x ({x.where})")
             notes.append(f"no Z spacing: z = x = {x.value_um:g} um assumed")
     spacing = (z.value_um, y.value_um, x.value_um)
-    return _SpacingResult(
+    return SpacingResult(
         spacing, True, {"spacing_z": z.where, "spacing_y": y.where, "spacing_x": x.where}, problems, notes
     )
 
@@ -250,7 +250,7 @@ def _channel_value(value: Any) -> str | None:
     return None
 
 
-def _resolve_channel(sources: list[_Source], path: Path) -> tuple[str, str]:
+def resolve_channel(sources: list[Source], path: Path) -> tuple[str, str]:
     for source in sources:
         for name in ("channel", "channelname"):
             found = source.get(name)
@@ -279,7 +279,7 @@ def _study_value(value: Any) -> int | None:
     return None
 
 
-def _resolve_study(sources: list[_Source], path: Path) -> tuple[int | None, str]:
+def resolve_study(sources: list[Source], path: Path) -> tuple[int | None, str]:
     for source in sources:
         for name in ("study", "studyid"):
             found = source.get(name)

@@ -14,7 +14,7 @@ import tifffile
 
 from fmc.atomic import atomic_write
 from fmc.io.case import CaseMetadata
-from fmc.io.metadata import _DROP, _jsonable, _norm_key
+from fmc.io.metadata import DROP, jsonable, norm_key
 from fmc.method import CHANNELS
 from fmc.normalization import clip_to_uint16
 
@@ -54,8 +54,8 @@ def output_metadata(meta: CaseMetadata) -> dict[str, Any]:
         replaced |= {"study", "studyid"}
     out: dict[str, Any] = {}
     for key, value in meta.raw.items():
-        clean = _jsonable(value)
-        if _norm_key(key) not in replaced and clean is not _DROP:
+        clean = jsonable(value)
+        if norm_key(key) not in replaced and clean is not DROP:
             out[str(key)] = clean
     out["axes"] = "ZYX"
     if meta.spacing_valid:
