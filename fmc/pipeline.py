@@ -28,6 +28,7 @@ from fmc.acceleration import Forward, KernelOptions, build_forward
 from fmc.change_gate import GateDecision, closeness, decide, strength_for
 from fmc.difference_weighting import difference_weighting_, released_difference_weighting_
 from fmc.distance import coarse_distance_channel
+from fmc.host_to_device import upload
 from fmc.memory import high_water_gib
 from fmc.method import TARGET_SPACING_UM, MethodSettings, check_step2_inputs
 from fmc.native_detail import NativeDetail, normalized_planes, plan_native_detail, smooth_in_plane
@@ -41,7 +42,6 @@ from fmc.safeguards import (
     tile_with_memory_retries,
 )
 from fmc.tiling import Deadline, TilingConfig
-from fmc.upload import upload
 from fmc.weights import LoadedModel, ModelSet, WeightsError
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fmc.host_to_device import DeviceVolume
 from fmc.method import TARGET_SPACING_UM
-from fmc.upload import DeviceVolume
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def _full_fp32_matmul() -> Iterator[None]:
 
 
 class PlaneSource(Protocol):
-    """A (Z, Y, X) volume that hands out float32 bands of planes, e.g. :class:`fmc.upload.DeviceVolume`.
+    """A (Z, Y, X) volume that hands out float32 bands of planes, e.g.
+    :class:`fmc.host_to_device.DeviceVolume`.
 
     Why: the input can stay in 16 bits on the device; only the band a slab needs is float32.
     """

@@ -44,7 +44,7 @@ def test_kernel_variants_exist_and_cuda_tests_are_found() -> None:
     assert set(KERNEL_VARIANTS) <= set(bench_kernels.VARIANTS)
     assert any("compile" in name for name in KERNEL_VARIANTS)
     names = {path.name for path in candidate_files(REPO / "tests")}
-    assert {"test_resample.py", "test_tiling.py", "test_upload.py", "test_infer.py"} <= names
+    assert {"test_resample.py", "test_tiling.py", "test_host_to_device.py", "test_infer.py"} <= names
 
 
 def test_step2_settings_compare_without_timings() -> None:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from fmc.host_to_device import DeviceVolume, upload
 from fmc.normalization import percentile_bounds
 from fmc.resample import resample_to_shape
-from fmc.upload import DeviceVolume, upload
 
 CPU = torch.device("cpu")
 

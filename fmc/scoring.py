@@ -1,4 +1,4 @@
-"""``python -m fmc.evaluate``: score predictions (or a baseline) against fused ground truth.
+"""``python -m fmc.scoring``: score predictions (or a baseline) against fused ground truth.
 
 Pairs files by name: a prediction has the input's file name; the ground truth is the input's
 name with ``_angle`` replaced by ``_fused``. Prints a per-case table (SSIM of input and
@@ -226,7 +226,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fmc.evaluate",
+        prog="python -m fmc.scoring",
         description=(
             "Score predicted fused volumes against ground truth: SSIM, N_SSIM and a proxy N_IoU (Otsu "
             "masks instead of Cellpose) per case and per channel. Ground truth for <name>_angle.tif is "

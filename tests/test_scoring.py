@@ -1,4 +1,4 @@
-"""python -m fmc.evaluate on a tiny folder written with fmc.simulated_tiff.write_volume."""
+"""python -m fmc.scoring on a tiny folder written with fmc.simulated_tiff.write_volume."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from fmc import evaluate
+from fmc import scoring
 from fmc.io import read_case
 from fmc.metrics import gaussian_baseline, iou_proxy_scores, n_iou_proxy, n_ssim, ssim_scores
 from fmc.simulated_tiff import write_volume
@@ -66,7 +66,7 @@ def test_cli_prints_table_and_writes_csv_with_computed_scores(
 ) -> None:
     out_csv = tmp_path / "scores" / "eval.csv"
     argv = ["--input", str(folders["input"]), "--pred", str(folders["pred"]), "--gt", str(folders["gt"])]
-    code = evaluate.main([*argv, "--csv", str(out_csv), "--device", "cpu"])
+    code = scoring.main([*argv, "--csv", str(out_csv), "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "N_IoU (proxy)" in printed and "N_SSIM" in printed
@@ -89,8 +89,8 @@ def test_cli_prints_table_and_writes_csv_with_computed_scores(
 
 
 def test_channel_means_average_per_channel(folders: dict[str, Path]) -> None:
-    rows = evaluate.evaluate_folder(folders["input"], folders["gt"], folders["pred"], device="cpu")
-    means = evaluate.channel_means(rows)
+    rows = scoring.evaluate_folder(folders["input"], folders["gt"], folders["pred"], device="cpu")
+    means = scoring.channel_means(rows)
     assert set(means) == {"nucleus", "membrane"}
     nucleus = [r["n_ssim"] for r in rows if r["channel"] == "nucleus"]
     assert means["nucleus"]["n"] == 2
@@ -98,9 +98,9 @@ def test_channel_means_average_per_channel(folders: dict[str, Path]) -> None:
 
 
 def test_baselines_need_no_predictions(folders: dict[str, Path]) -> None:
-    identity = evaluate.evaluate_folder(folders["input"], folders["gt"], baseline="identity", device="cpu")
+    identity = scoring.evaluate_folder(folders["input"], folders["gt"], baseline="identity", device="cpu")
     assert [r["n_ssim"] for r in identity] == [0.0, 0.0, 0.0]
-    gauss = evaluate.evaluate_folder(folders["input"], folders["gt"], baseline="gaussian", device="cpu")
+    gauss = scoring.evaluate_folder(folders["input"], folders["gt"], baseline="gaussian", device="cpu")
     for row, (n, channel) in zip(gauss, CASES.items(), strict=True):
         _, gt, inp = _volumes(folders, n)
         expected = n_ssim(gaussian_baseline(inp, channel), gt, inp, device="scipy")
@@ -110,8 +110,8 @@ def test_baselines_need_no_predictions(folders: dict[str, Path]) -> None:
 def test_resample_and_tuned_baselines(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     from fmc.baselines import gaussian_tuned, resample_baseline
 
-    resample = evaluate.evaluate_folder(folders["input"], folders["gt"], baseline="resample", device="cpu")
-    tuned = evaluate.run_evaluation(
+    resample = scoring.evaluate_folder(folders["input"], folders["gt"], baseline="resample", device="cpu")
+    tuned = scoring.run_evaluation(
         folders["input"], folders["gt"], baseline="gaussian-tuned", device="cpu", sigmas={"nucleus": 1.2}
     )
     assert tuned.problems == [
@@ -127,7 +127,7 @@ def test_resample_and_tuned_baselines(folders: dict[str, Path], capsys: pytest.C
             n_ssim(gaussian_tuned(inp, 1.2), gt, inp, device="scipy"), abs=1e-12
         )
     argv = ["--input", str(folders["input"]), "--gt", str(folders["gt"]), "--baseline", "gaussian-tuned"]
-    assert evaluate.main([*argv, "--sigma", "0.8", "--device", "cpu"]) == 0
+    assert scoring.main([*argv, "--sigma", "0.8", "--device", "cpu"]) == 0
     assert "baseline: gaussian-tuned" in capsys.readouterr().out
 
 
@@ -137,7 +137,7 @@ def test_missing_pairs_are_reported_by_name(
     (folders["pred"] / "image_2_nucleus_angle.tif").unlink()
     (folders["gt"] / "image_3_membrane_fused.tif").unlink()
     argv = ["--input", str(folders["input"]), "--pred", str(folders["pred"]), "--gt", str(folders["gt"])]
-    assert evaluate.main(argv) == 0
+    assert scoring.main(argv) == 0
     printed = capsys.readouterr().out
     assert "2 case(s) not scored" in printed
     assert "image_2_nucleus_angle.tif: no prediction image_2_nucleus_angle.tif" in printed
@@ -148,25 +148,23 @@ def test_missing_pairs_are_reported_by_name(
 def test_nothing_scored_exits_non_zero(tmp_path: Path, folders: dict[str, Path]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert evaluate.main(["--input", str(empty), "--gt", str(folders["gt"]), "--baseline", "identity"]) == 1
-    assert (
-        evaluate.main(["--input", str(folders["input"]), "--gt", str(empty), "--baseline", "gaussian"]) == 1
-    )
+    assert scoring.main(["--input", str(empty), "--gt", str(folders["gt"]), "--baseline", "identity"]) == 1
+    assert scoring.main(["--input", str(folders["input"]), "--gt", str(empty), "--baseline", "gaussian"]) == 1
 
 
 def test_pred_or_baseline_is_required(folders: dict[str, Path]) -> None:
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(["--input", str(folders["input"]), "--gt", str(folders["gt"])])
+        scoring.main(["--input", str(folders["input"]), "--gt", str(folders["gt"])])
     assert exc.value.code == 2
 
 
 def test_every_flag_has_help() -> None:
-    for action in evaluate.build_parser()._actions:
+    for action in scoring.build_parser()._actions:
         assert action.help, action.dest
 
 
 def test_ground_truth_name() -> None:
-    assert evaluate.ground_truth_name("image_7_membrane_angle.tif") == "image_7_membrane_fused.tif"
+    assert scoring.ground_truth_name("image_7_membrane_angle.tif") == "image_7_membrane_fused.tif"
 
 
 def test_bad_files_and_shape_mismatch_are_reported_and_others_scored(folders: dict[str, Path]) -> None:
@@ -179,7 +177,7 @@ def test_bad_files_and_shape_mismatch_are_reported_and_others_scored(folders: di
         channel="nucleus",
         study=1,
     )
-    result = evaluate.run_evaluation(folders["input"], folders["gt"], folders["pred"], device="cpu")
+    result = scoring.run_evaluation(folders["input"], folders["gt"], folders["pred"], device="cpu")
     assert [r["case"] for r in result.rows] == ["image_1_nucleus_angle.tif", "image_3_membrane_angle.tif"]
     assert len(result.problems) == 2
     assert any(p.startswith("image_2_nucleus_angle.tif: shape mismatch") for p in result.problems)
@@ -187,7 +185,7 @@ def test_bad_files_and_shape_mismatch_are_reported_and_others_scored(folders: di
 
 
 def test_fused_files_in_the_input_folder_are_not_scored_as_inputs(tmp_path):
-    from fmc.evaluate import evaluate_folder
+    from fmc.scoring import evaluate_folder
     from fmc.simulated_tiff import write_volume
 
     rng = np.random.default_rng(3)
