@@ -36,7 +36,7 @@ from fmc.io import (
     write_prediction,
 )
 from fmc.memory_plan import check_case, fusion_spacing, plan_for
-from fmc.method import DEFAULT_PATCH, DW_FORMS, OUTPUT_SETTING_LIMITS, MethodSettings
+from fmc.method import DEFAULT_PATCH, DW_FORMS, OUTPUT_SETTING_HELP, OUTPUT_SETTING_LIMITS, MethodSettings
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
 from fmc.preflight import (
     PreflightError,
@@ -576,48 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="max-filter size of the paper DW form (odd; 1 = off; default: the model card's, else 3)",
     )
-    parser.add_argument(
-        "--change-strength",
-        type=float,
-        default=None,
-        help="the safeguard: share of the networks' change added to the input, 0-1 "
-        "(default: the model card's)",
-    )
-    parser.add_argument(
-        "--close-change-strength",
-        type=float,
-        default=None,
-        help="the share added instead in a case whose closeness reaches --closeness-threshold, 0-1 "
-        "(default: the model card's)",
-    )
-    parser.add_argument(
-        "--closeness-threshold",
-        type=float,
-        default=None,
-        help="SSIM(input, prediction) at 0.6 um from which a case counts as close to its truth, 0-1; "
-        "1 = no gate (default: the model card's, else 1)",
-    )
-    parser.add_argument(
-        "--native-detail",
-        type=float,
-        default=None,
-        help="share of the input's detail finer than 0.6 um kept before its noise is weighed, 0-1; "
-        "0 = the 0.6 um round trip (default: the model card's, else 1)",
-    )
-    parser.add_argument(
-        "--detail-noise-weight",
-        type=float,
-        default=None,
-        help="how fast that share falls with the detail's estimated noise; 0 = a fixed share "
-        "(default: the model card's, else 0)",
-    )
-    parser.add_argument(
-        "--detail-sigma",
-        type=float,
-        default=None,
-        help="in-plane Gaussian sigma (input voxels) on the native input before its detail is weighed, "
-        "0-3 (default: the model card's, else 0)",
-    )
+    defaults = MethodSettings()
+    for name, top in OUTPUT_SETTING_LIMITS.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=float,
+            default=None,
+            help=f"{OUTPUT_SETTING_HELP[name]} (0-{top:g}; default: the model card's, "
+            f"else {getattr(defaults, name):g})",
+        )
     parser.add_argument("--no-step1", action="store_true", help="skip step 1, the global pass (ablation)")
     parser.add_argument("--no-step2", action="store_true", help="skip the patch step (ablation)")
     parser.add_argument("--no-dw", action="store_true", help="skip difference weighting (same as --dw none)")
@@ -677,12 +644,7 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         step2=not args.no_step2,
         difference_weighting="none" if args.no_dw else args.dw,
         max_filter=args.max_filter,
-        native_detail=args.native_detail,
-        detail_noise_weight=args.detail_noise_weight,
-        detail_sigma=args.detail_sigma,
-        change_strength=args.change_strength,
-        close_change_strength=args.close_change_strength,
-        closeness_threshold=args.closeness_threshold,
+        **{name: getattr(args, name) for name in OUTPUT_SETTING_LIMITS},
         tta=args.tta,
         global_size=args.global_size,
         tiling=tiling,

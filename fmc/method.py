@@ -37,12 +37,24 @@ DEFAULT_PATCH = 128
 #: (an SSIM) are at most 1, the noise weight 4 (a gain of 0 from a quarter of noise), the in-plane
 #: sigma 3 voxels.
 OUTPUT_SETTING_LIMITS = {
-    "native_detail": 1.0,
     "change_strength": 1.0,
     "close_change_strength": 1.0,
     "closeness_threshold": 1.0,
+    "native_detail": 1.0,
     "detail_noise_weight": 4.0,
     "detail_sigma": 3.0,
+}
+#: What each output setting does, in the words of its inference.py flag (``--change-strength`` ...).
+OUTPUT_SETTING_HELP = {
+    "change_strength": "the safeguard: share of the networks' change added to the input",
+    "close_change_strength": "the share added instead in a case whose closeness reaches "
+    "--closeness-threshold",
+    "closeness_threshold": "SSIM(input, prediction) at 0.6 um from which a case counts as close to its "
+    "truth; 1 = no gate",
+    "native_detail": "share of the input's detail finer than 0.6 um kept before its noise is weighed; "
+    "0 = the 0.6 um round trip",
+    "detail_noise_weight": "how fast that share falls with the detail's estimated noise; 0 = a fixed share",
+    "detail_sigma": "in-plane Gaussian sigma (input voxels) on the native input before its detail is weighed",
 }
 
 

@@ -30,7 +30,7 @@ from fmc.difference_weighting import difference_weighting_, released_difference_
 from fmc.distance import coarse_distance_channel
 from fmc.host_to_device import upload
 from fmc.memory import high_water_gib
-from fmc.method import TARGET_SPACING_UM, MethodSettings, check_step2_inputs
+from fmc.method import OUTPUT_SETTING_LIMITS, TARGET_SPACING_UM, MethodSettings, check_step2_inputs
 from fmc.native_detail import NativeDetail, normalized_planes, plan_native_detail, smooth_in_plane
 from fmc.normalization import to_input_range_uint16
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
@@ -108,12 +108,7 @@ def resolve_settings(models: ModelSet, config: PipelineConfig) -> tuple[MethodSe
         "max_filter": config.max_filter,
         "global_size": config.global_size,
         "step1_mode": config.step1_mode,
-        "native_detail": config.native_detail,
-        "detail_noise_weight": config.detail_noise_weight,
-        "detail_sigma": config.detail_sigma,
-        "change_strength": config.change_strength,
-        "close_change_strength": config.close_change_strength,
-        "closeness_threshold": config.closeness_threshold,
+        **{name: getattr(config, name) for name in OUTPUT_SETTING_LIMITS},
     }
     stored = _stored_settings(models)
     sources = {
