@@ -616,6 +616,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_method_flags(flags: dict[str, object]) -> None:
+    """Refuse method-setting flags with the settings' own checks (:class:`MethodSettings`), so a
+    limit is written once; the error names the flag (``--max-filter must be odd ...``)."""
+    try:
+        MethodSettings().override(**flags)
+    except ValueError as error:
+        text = str(error)
+        name = next((n for n in flags if text.startswith(n + " ")), None)
+        raise SystemExit(
+            text if name is None else "--" + name.replace("_", "-") + text[len(name) :]
+        ) from None
+
+
 def options_from_args(args: argparse.Namespace) -> InferenceOptions:
     """Turn parsed flags into typed options, refusing values that cannot work."""
     if not 0 <= args.overlap < 1:
@@ -624,12 +637,9 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         raise SystemExit("--patch must be >= 8 and --batch >= 1")
     if args.no_dw and args.dw not in (None, "none"):
         raise SystemExit(f"--no-dw contradicts --dw {args.dw}")
-    if args.max_filter is not None and (args.max_filter < 1 or args.max_filter % 2 == 0):
-        raise SystemExit(f"--max-filter must be odd and >= 1, got {args.max_filter}")
-    for name, top in OUTPUT_SETTING_LIMITS.items():
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if value is not None and not 0.0 <= value <= top:
-            raise SystemExit(f"{flag} must be in [0, {top:g}], got {value}")
+    _check_method_flags(
+        {"max_filter": args.max_filter, **{n: getattr(args, n) for n in OUTPUT_SETTING_LIMITS}}
+    )
     if args.autocast != "none" and args.precision not in ("auto", args.autocast):
         raise SystemExit(f"--autocast {args.autocast} contradicts --precision {args.precision}")
     tiling = TilingConfig(patch=(args.patch or DEFAULT_PATCH,) * 3, overlap=args.overlap, batch=args.batch)

@@ -194,6 +194,8 @@ def test_each_fault_of_the_command_line_is_one_line(fault, tmp_path, tiny_weight
         (["--bogus"], "unrecognized arguments: --bogus", 2),
         (["--overlap", "1.5"], "--overlap must be in [0, 1), got 1.5", 1),
         (["--max-filter", "4"], "--max-filter must be odd and >= 1, got 4", 1),
+        (["--change-strength", "2"], "--change-strength must be a number in [0, 1], got 2.0", 1),
+        (["--detail-sigma", "-1"], "--detail-sigma must be a number in [0, 3], got -1.0", 1),
     ],
 )
 def test_a_bad_flag_is_one_line(flags, words, code, tmp_path, tiny_weights, capsys):
