@@ -47,12 +47,19 @@ def closeness(iso: torch.Tensor, prediction: torch.Tensor) -> float:
     return float(ssim3d(iso, prediction, device=iso.device))
 
 
+def gated_strength(far: float, close: float, threshold: float, value: float | None) -> float:
+    """The gate's rule: ``close`` for a closeness ``value`` at or above ``threshold`` (below
+    :data:`GATE_OFF`), else ``far``; None: not measured, so ``far``."""
+    if value is None or threshold >= GATE_OFF or value < threshold:
+        return far
+    return close
+
+
 def strength_for(settings: MethodSettings, value: float | None) -> float:
-    """The share of the change a case of closeness ``value`` gets (None: the gate is off)."""
-    if value is None or settings.closeness_threshold >= GATE_OFF:
-        return settings.change_strength
-    close = value >= settings.closeness_threshold
-    return settings.close_change_strength if close else settings.change_strength
+    """The share of the change a case of closeness ``value`` gets under ``settings``."""
+    return gated_strength(
+        settings.change_strength, settings.close_change_strength, settings.closeness_threshold, value
+    )
 
 
 def decide(settings: MethodSettings, iso: torch.Tensor, prediction: torch.Tensor) -> GateDecision:

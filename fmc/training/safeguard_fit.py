@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fmc.change_gate import GATE_OFF
+from fmc.change_gate import GATE_OFF, gated_strength
 from fmc.cli_help import DefaultsHelpFormatter
 from fmc.data.pairs import find_pairs, reconcile
 from fmc.io import read_case
@@ -58,10 +58,10 @@ class Choice(NamedTuple):
     detail_sigma: float
 
     def strength(self, closeness: float) -> float:
-        """The strength a case of this closeness gets (as :func:`fmc.change_gate.strength_for`)."""
-        if self.closeness_threshold >= GATE_OFF or closeness < self.closeness_threshold:
-            return self.change_strength
-        return self.close_change_strength
+        """The strength a case of this closeness gets: the gate's own rule."""
+        return gated_strength(
+            self.change_strength, self.close_change_strength, self.closeness_threshold, closeness
+        )
 
 
 def grid() -> list[Choice]:
