@@ -334,6 +334,13 @@ def ssim_scores(
     return SsimScores(ssim_pred=s_pred, ssim_input=s_inp, n_ssim=normalized_gain(s_pred, s_inp))
 
 
+def ssim_against(pred: ArrayLike, gt: ArrayLike, *, device: Device = None) -> float:
+    """SSIM(pred, gt) after the metric's percentile normalization of each: one term of N_SSIM, for
+    callers that score many predictions of one case against the same SSIM(input, gt)."""
+    norms = [norm_of(v, PERCENTILE_LOW, PERCENTILE_HIGH) for v in (gt, pred)]
+    return _ssim_pairs([gt, pred], norms, [(1, 0)], device=device)[0]
+
+
 def n_ssim(pred: ArrayLike, gt: ArrayLike, inp: ArrayLike, *, device: Device = None) -> float:
     """N_SSIM = (SSIM(pred, gt) - SSIM(input, gt)) / (1 - SSIM(input, gt)) after percentile normalization.
 

@@ -151,3 +151,13 @@ def test_gaussian_baseline_sigma_per_channel(channel: str, sigma: float) -> None
     out = metrics.gaussian_baseline(inp, channel)
     assert out.dtype == np.float32 and out.shape == inp.shape
     np.testing.assert_allclose(out, ndi.gaussian_filter(inp.astype(np.float64), sigma), rtol=1e-5)
+
+
+def test_ssim_against_is_the_prediction_term_of_n_ssim_to_the_last_bit():
+    """The quality table scores every row from one SSIM(input, gt) per case: the same N_SSIM."""
+    rng = np.random.default_rng(0)
+    gt = (rng.random((24, 40, 40)) * 1000).astype(np.uint16)
+    inp = (gt * 0.7 + rng.random(gt.shape) * 300).astype(np.uint16)
+    pred = (gt * 0.9 + rng.random(gt.shape) * 100).astype(np.uint16)
+    per_row = metrics.normalized_gain(metrics.ssim_against(pred, gt), metrics.ssim_against(inp, gt))
+    assert per_row == metrics.n_ssim(pred, gt, inp)

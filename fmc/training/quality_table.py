@@ -25,7 +25,7 @@ from fmc.baselines import BASELINES, baseline_prediction, sigma_of_models
 from fmc.data.pairs import find_pairs, reconcile
 from fmc.io import read_case
 from fmc.method import MethodSettings
-from fmc.metrics import n_ssim, ssim_scores
+from fmc.metrics import normalized_gain, ssim_against
 from fmc.pipeline import FusionPipeline
 from fmc.projections import labelled_projections, mip_projections
 from fmc.training.evaluate import pipeline_config_for
@@ -121,6 +121,7 @@ def score_family(
         angle, fused = read_case(pair.angle), read_case(pair.fused)
         spacing = reconcile(pair, angle.meta, fused.meta).spacing
         inp, gt = angle.volume, fused.volume
+        ssim_in = ssim_against(inp, gt)  # N_SSIM's reference, computed once per case for every row
         scores: dict[str, float] = {}
         preview = (previews or {}).get(pair.case_id)
         columns = [("input", mip_projections(inp))] if preview else []
@@ -149,16 +150,15 @@ def score_family(
                 outputs = pipeline.run_each_setting(inp, spacing, settings)
                 for variant, output in zip(variants, outputs, strict=True):
                     name = variant_name(label, variant, pipeline.step1_model is not None)
-                    scores[name] = n_ssim(output, gt, inp)
+                    scores[name] = normalized_gain(ssim_against(output, gt), ssim_in)
                     if preview and step2 and variant.dw == "none" and not variant.overrides:
                         columns.append((name, mip_projections(output)))
-        scores[INPUT_SSIM] = ssim_scores(inp, gt, inp).ssim_input
+        scores[INPUT_SSIM] = ssim_in
         for name in BASELINES:
             if name == "gaussian-tuned" and sigma is None:
                 continue
-            scores[name] = n_ssim(
-                baseline_prediction(name, inp, pair.channel, spacing, sigma, device), gt, inp
-            )
+            baseline = baseline_prediction(name, inp, pair.channel, spacing, sigma, device)
+            scores[name] = normalized_gain(ssim_against(baseline, gt), ssim_in)
         if preview:
             columns.append(("target (fused views)", mip_projections(gt)))
             save_png(preview, labelled_projections(columns, spacing))
