@@ -32,7 +32,7 @@ from fmc.change_gate import GATE_OFF, gated_strength
 from fmc.cli_help import DefaultsHelpFormatter
 from fmc.data.pairs import find_pairs, reconcile
 from fmc.io import read_case
-from fmc.metrics import n_ssim
+from fmc.metrics import normalized_gain, ssim_against
 from fmc.pipeline import FusionPipeline
 from fmc.training.evaluate import pipeline_config_for
 from fmc.weights import ModelCard, discover_models, update_cards
@@ -110,7 +110,11 @@ def score_cases(
                 for s, w, g in keys
             ]
             outputs = pipeline.run_each_setting(angle.volume, spacing, variants)
-            scores = {k: n_ssim(o, fused.volume, angle.volume) for k, o in zip(keys, outputs, strict=True)}
+            ssim_in = ssim_against(angle.volume, fused.volume)  # N_SSIM's reference, once per case
+            scores = {
+                k: normalized_gain(ssim_against(o, fused.volume), ssim_in)
+                for k, o in zip(keys, outputs, strict=True)
+            }
             closeness = pipeline.closeness_by_dw[pipeline.settings.difference_weighting]
             rows.append(
                 {
