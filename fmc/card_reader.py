@@ -49,6 +49,8 @@ class CardError(ValueError):
 
 def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:  # which values: MethodSettings' own check says
+        return _type_name(_literal_type(hint))
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
     if origin is tuple or hint is tuple:
@@ -64,6 +66,8 @@ def matches(value: Any, hint: Any) -> bool:
         return any(matches(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
+    if origin is typing.Literal:  # the values' type here; which values, MethodSettings' own check
+        return matches(value, _literal_type(hint))
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -78,6 +82,12 @@ def matches(value: Any, hint: Any) -> bool:
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True  # a hint this reader does not know: MethodSettings' own checks still run
+
+
+def _literal_type(hint: Any) -> type:
+    """The one Python type of a Literal's values (``Literal["a", "b"]``: str)."""
+    kinds = {type(arg) for arg in typing.get_args(hint)}
+    return kinds.pop() if len(kinds) == 1 else object
 
 
 def _check_fields(

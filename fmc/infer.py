@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from fmc.io import (
     write_prediction,
 )
 from fmc.memory_plan import check_case, fusion_spacing, plan_for
-from fmc.method import DEFAULT_PATCH, DW_FORMS, OUTPUT_SETTING_HELP, OUTPUT_SETTING_LIMITS, MethodSettings
+from fmc.method import DW_FORMS, OUTPUT_SETTING_HELP, OUTPUT_SETTING_LIMITS, MethodSettings
 from fmc.pipeline import FusionPipeline, PipelineConfig, card_settings
 from fmc.preflight import (
     PreflightError,
@@ -71,6 +72,13 @@ from fmc.weights import (
 
 log = logging.getLogger("fmc")
 
+#: inference.py's tiling flags (``--overlap``, ``--batch``): the TilingConfig fields they set, with
+#: their help; each flag's type and default are the field's, its limits TilingConfig's own checks.
+TILING_FLAG_HELP = {
+    "overlap": "patch overlap fraction in [0, 1)",
+    "batch": "patches per forward pass",
+}
+
 PLATFORM_INPUT = Path("/input/images/fluorescence-lightsheet-3D-microscopy")
 PLATFORM_OUTPUT = Path("/output/images/fused-fluorescence-lightsheet-3D-microscopy")
 
@@ -85,7 +93,7 @@ class InferenceOptions:
     device: str = "auto"
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     preview: bool = False
-    patch: int | None = None  # None: the model card's training patch, else DEFAULT_PATCH
+    patch: int | None = None  # --patch; None: the model card's (MethodSettings.tile_patch)
     budget_seconds: float | None = DEFAULT_BUDGET_SECONDS - SAFETY_MARGIN_SECONDS
     gpu_memory_gib: float | None = None
     report: Path | None = None  # --report FILE: checked before fusing, written by main
@@ -337,9 +345,9 @@ def _fuse_one(
         )
         _check_explicit_choice(options.weights, models, meta.channel, meta.study)
         config = replace(options.pipeline, kernels=attempt.kernels)
-        if options.patch is None:  # the patch the model was trained and validated with
-            edge = card_settings(models).patch
-            config = replace(config, tiling=replace(config.tiling, patch=(edge,) * 3))
+        # --patch when given, else the patch the model was trained and validated with (its card's)
+        patch = card_settings(models).tile_patch(options.patch)
+        config = replace(config, tiling=replace(config.tiling, patch=patch))
         pipelines[key] = FusionPipeline(models, config, device)
     pipeline = pipelines[key]
     # Before the big buffers: the grid the spacing implies, and whether the memory is there for it.
@@ -523,14 +531,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="model folder (searched first; then /opt/ml/model, then resources/weights)",
     )
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run")
-    parser.add_argument("--overlap", type=float, default=0.5, help="patch overlap fraction in [0, 1)")
+    defaults = MethodSettings()
+    tiling = TilingConfig()
+    for name, described in TILING_FLAG_HELP.items():  # defaults and checks: TilingConfig's
+        default = getattr(tiling, name)
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=type(default), default=default, help=described)
     parser.add_argument(
         "--patch",
         type=int,
         default=None,
-        help=f"step-2 patch edge in voxels (default: the model's training patch, else {DEFAULT_PATCH})",
+        help=f"step-2 patch edge in voxels (default: the model's training patch, else {defaults.patch})",
     )
-    parser.add_argument("--batch", type=int, default=2, help="patches per forward pass")
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -560,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-size",
         type=int,
         default=None,
-        help="step-1 cube edge (default: the size the step-1 model was trained at, else 224)",
+        help="step-1 cube edge (default: the size the step-1 model was trained at, "
+        f"else {defaults.global_size})",
     )
     parser.add_argument("--tta", action="store_true", help="average test-time flips along z, y and x")
     parser.add_argument(
@@ -576,7 +589,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="max-filter size of the paper DW form (odd; 1 = off; default: the model card's, else 3)",
     )
-    defaults = MethodSettings()
     for name, top in OUTPUT_SETTING_LIMITS.items():
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -616,33 +628,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_error(error: ValueError, names: typing.Iterable[str]) -> SystemExit:
+    """A setting's own error (``max_filter must be odd ...``) as the flag's (``--max-filter must ...``)."""
+    text = str(error)
+    name = next((n for n in names if text.startswith(n + " ")), None)
+    return SystemExit(text if name is None else "--" + name.replace("_", "-") + text[len(name) :])
+
+
 def _check_method_flags(flags: dict[str, object]) -> None:
     """Refuse method-setting flags with the settings' own checks (:class:`MethodSettings`), so a
     limit is written once; the error names the flag (``--max-filter must be odd ...``)."""
     try:
         MethodSettings().override(**flags)
     except ValueError as error:
-        text = str(error)
-        name = next((n for n in flags if text.startswith(n + " ")), None)
-        raise SystemExit(
-            text if name is None else "--" + name.replace("_", "-") + text[len(name) :]
-        ) from None
+        raise _flag_error(error, flags) from None
+
+
+def _tiling_from_flags(args: argparse.Namespace) -> TilingConfig:
+    """The tiling flags as a :class:`TilingConfig`, refused by its own checks (the line names the flag).
+    The patch stays TilingConfig's until the model is known (MethodSettings.tile_patch)."""
+    try:
+        return TilingConfig(**{name: getattr(args, name) for name in TILING_FLAG_HELP})
+    except ValueError as error:
+        raise _flag_error(error, TILING_FLAG_HELP) from None
 
 
 def options_from_args(args: argparse.Namespace) -> InferenceOptions:
     """Turn parsed flags into typed options, refusing values that cannot work."""
-    if not 0 <= args.overlap < 1:
-        raise SystemExit(f"--overlap must be in [0, 1), got {args.overlap}")
-    if (args.patch is not None and args.patch < 8) or args.batch < 1:
-        raise SystemExit("--patch must be >= 8 and --batch >= 1")
+    tiling = _tiling_from_flags(args)
     if args.no_dw and args.dw not in (None, "none"):
         raise SystemExit(f"--no-dw contradicts --dw {args.dw}")
     _check_method_flags(
-        {"max_filter": args.max_filter, **{n: getattr(args, n) for n in OUTPUT_SETTING_LIMITS}}
+        {
+            "max_filter": args.max_filter,
+            "global_size": args.global_size,
+            "patch": args.patch,
+            **{n: getattr(args, n) for n in OUTPUT_SETTING_LIMITS},
+        }
     )
     if args.autocast != "none" and args.precision not in ("auto", args.autocast):
         raise SystemExit(f"--autocast {args.autocast} contradicts --precision {args.precision}")
-    tiling = TilingConfig(patch=(args.patch or DEFAULT_PATCH,) * 3, overlap=args.overlap, batch=args.batch)
     kernels = KernelOptions(
         precision=args.autocast if args.autocast != "none" else args.precision,
         channels_last={"auto": None, "on": True, "off": False}[args.channels_last],

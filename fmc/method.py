@@ -10,27 +10,38 @@ a setting only when it is given (the log says which source each setting came fro
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+# Each choice is one Literal type; its tuple (for argparse choices and messages) is derived from it.
+#: The difference weighting forms training can apply before the loss or record for inference.
+TrainableDWForm = Literal["paper", "released"]
 #: Difference weighting, eq. (2): as the paper's text reads, as the authors' released code does
 #: it (FuseMyCells ``evaluation_doublestep``), or not at all.
-DW_FORMS = ("paper", "released", "none")
+DWForm = Literal[TrainableDWForm, "none"]
+DW_FORMS: tuple[str, ...] = typing.get_args(DWForm)
 #: How step 1's prediction reaches step 2 and the output. "output": the step-1 network's output,
 #: upsampled, is the prediction (the paper). "correction": the step-1 network predicts a change
 #: of its global cube, and that change, upsampled, is added to the 0.6 um input -- so networks
 #: with zero heads change nothing (the output is then the input itself, fmc.pipeline), and training
 #: can only add to it.
-STEP1_MODES = ("output", "correction")
+Step1Mode = Literal["output", "correction"]
+STEP1_MODES: tuple[str, ...] = typing.get_args(Step1Mode)
 #: Input channels step 2 can be given, in the order a card lists them: the 0.6 um input, the
 #: step-1 prediction upsampled, the signed surface distance (:mod:`fmc.distance`). "image" is first.
-STEP2_INPUTS = ("image", "step1", "distance")
+Step2Input = Literal["image", "step1", "distance"]
+STEP2_INPUTS: tuple[str, ...] = typing.get_args(Step2Input)
 #: The method's grid: every volume is resampled to this isotropic spacing (um) and back.
 TARGET_SPACING_UM = 0.6
 #: The stained structures the challenge scores apart.
-CHANNELS = ("nucleus", "membrane")
+Channel = Literal["nucleus", "membrane"]
+CHANNELS: tuple[str, ...] = typing.get_args(Channel)
 DEFAULT_GLOBAL_SIZE = 224  # the paper's step-1 cube
 DEFAULT_PATCH = 128
+#: The smallest step-1 cube and step-2 patch edge; MethodSettings checks it for cards, inference.py's
+#: flags and train.py fit alike.
+MIN_SIZE = 8
 
 
 #: Upper limits of the output's trust settings (each from 0): shares and the closeness threshold
@@ -76,13 +87,13 @@ def check_step2_inputs(names: tuple[str, ...]) -> None:
 class MethodSettings:
     """Settings of the method that a model was trained and validated with."""
 
-    difference_weighting: str = "paper"
+    difference_weighting: DWForm = "paper"
     max_filter: int = 3  # the paper form's max filter on O' (odd; 1 = off)
-    global_size: int = DEFAULT_GLOBAL_SIZE
-    patch: int = DEFAULT_PATCH
-    step1_mode: str = "output"
+    global_size: int = DEFAULT_GLOBAL_SIZE  # the step-1 cube's edge (>= MIN_SIZE)
+    patch: int = DEFAULT_PATCH  # the step-2 patch edge (>= MIN_SIZE): see tile_patch
+    step1_mode: Step1Mode = "output"
     # Step 2's input channels by name; () for cards that predate the list: see step2_channels.
-    step2_inputs: tuple[str, ...] = ()
+    step2_inputs: tuple[Step2Input, ...] = ()
     # The native-grid output (docs/inference.md, "The method"): the change predicted at 0.6 um is added to
     # the native input. The share of the input's detail finer than the 0.6 um grid kept per case
     # (fmc.native_detail) is clip(native_detail - detail_noise_weight * that detail's noise share,
@@ -114,8 +125,19 @@ class MethodSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= top:
                 raise ValueError(f"{name} must be a number in [0, {top:g}], got {value!r}")
-        if self.global_size < 8 or self.patch < 8:
-            raise ValueError(f"global_size and patch must be >= 8, got {self.global_size} and {self.patch}")
+        for name in ("global_size", "patch"):  # one message each, so a caller can name its flag
+            if getattr(self, name) < MIN_SIZE:
+                raise ValueError(f"{name} must be >= {MIN_SIZE}, got {getattr(self, name)}")
+
+    def tile_patch(self, flag: int | None = None) -> tuple[int, int, int]:
+        """The step-2 patch (z, y, x) to tile with: ``flag`` when given (checked as a setting:
+        ``patch must be >= 8``), else these settings' (the card's, else DEFAULT_PATCH).
+
+        Why here: the patch is a setting of the card like the others, so inference.py and
+        ``train.py evaluate`` resolve it by the same "None means the card's value" rule.
+        """
+        edge = self.override(patch=flag).patch
+        return (edge, edge, edge)
 
     def step2_channels(self, in_channels: int) -> tuple[str, ...]:
         """The channels to build for a step-2 network of ``in_channels`` inputs. Cards without the

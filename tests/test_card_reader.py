@@ -69,6 +69,10 @@ def _set_pipeline(key: str, value):
         ("global_size", 4096, "training.pipeline.global_size: 4096 is larger than 1024"),
         ("patch", 100000, "training.pipeline.patch: 100000 is larger than 1024"),
         ("max_filter", 4, "training.pipeline.max_filter: max_filter must be odd"),
+        ("difference_weighting", 5, "training.pipeline.difference_weighting: 5 is not a string"),
+        ("step1_mode", ["output"], "training.pipeline.step1_mode: ['output'] is not a string"),
+        ("step2_inputs", ["image", 2], "training.pipeline.step2_inputs: ['image', 2] is not a list"),
+        ("patch", 4, "training.pipeline.patch: patch must be >= 8, got 4"),
         ("step2", "yes", 'training.pipeline.step2: "yes" is not true or false'),
     ],
 )

@@ -347,3 +347,15 @@ def test_cpu_and_gpu_paths_agree(tmp_path, weights, precision):
     for fused in (tmp_path / "cpu").iterdir():
         found = differences(read_case(fused).volume, read_case(tmp_path / "gpu" / fused.name).volume)
         assert TOLERANCES[precision].admits(found), (fused.name, found)
+
+
+def test_the_tiling_flags_defaults_are_tiling_configs():
+    from fmc.infer import TILING_FLAG_HELP, build_parser, options_from_args
+    from fmc.tiling import TilingConfig
+
+    args = build_parser().parse_args([])
+    tiling = options_from_args(args).pipeline.tiling
+    for name in TILING_FLAG_HELP:
+        assert getattr(args, name) == getattr(TilingConfig(), name) == getattr(tiling, name), name
+    given = options_from_args(build_parser().parse_args(["--overlap", "0.125", "--batch", "3"]))
+    assert (given.pipeline.tiling.overlap, given.pipeline.tiling.batch) == (0.125, 3)

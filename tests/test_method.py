@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import write_tiny_weights
 
+from fmc import method
 from fmc.infer import main
 from fmc.io import read_case
-from fmc.method import MethodSettings
+from fmc.method import MIN_SIZE, MethodSettings
 from fmc.simulated_tiff import write_volume
 
 FAST = ["--device", "cpu", "--patch", "16", "--overlap", "0.25", "--budget-seconds", "0"]
@@ -110,3 +113,44 @@ def test_settings_read_old_and_new_cards_and_refuse_unknown_forms():
 def test_contradicting_dw_flags_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="contradicts"):
         main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--no-dw", "--dw", "paper"])
+
+
+def test_the_patch_is_the_cards_unless_a_flag_gives_it():
+    card = MethodSettings(patch=48)
+    assert card.tile_patch() == card.tile_patch(None) == (48, 48, 48)
+    assert card.tile_patch(16) == (16, 16, 16)
+    assert MethodSettings.from_card({}).tile_patch() == (method.DEFAULT_PATCH,) * 3  # a card without one
+    with pytest.raises(ValueError, match=f"^patch must be >= {MIN_SIZE}, got 4$"):
+        card.tile_patch(4)  # the flag is checked as the setting is
+
+
+def test_each_size_limit_names_its_own_setting():
+    with pytest.raises(ValueError, match=r"^global_size must be >= 8, got 4$"):
+        MethodSettings(global_size=4)
+    with pytest.raises(ValueError, match=r"^patch must be >= 8, got 7$"):
+        MethodSettings(patch=7)
+    assert MethodSettings(global_size=MIN_SIZE, patch=MIN_SIZE).patch == MIN_SIZE
+
+
+def test_each_choice_tuple_is_its_literal_type():
+    hints = typing.get_type_hints(MethodSettings)
+    assert typing.get_args(hints["difference_weighting"]) == method.DW_FORMS == ("paper", "released", "none")
+    assert typing.get_args(hints["step1_mode"]) == method.STEP1_MODES == ("output", "correction")
+    assert typing.get_args(typing.get_args(hints["step2_inputs"])[0]) == method.STEP2_INPUTS
+    assert typing.get_args(method.TrainableDWForm) == ("paper", "released")
+    assert method.CHANNELS == ("nucleus", "membrane")
+
+
+def _patch_run(tmp_path: Path, weights: Path, name: str, *flags: str) -> list[int]:
+    _fuse(tmp_path, write_tiny_weights(tmp_path / "first"), "first")  # writes the input case once
+    report = tmp_path / f"{name}.json"
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / name), "--weights", str(weights)]
+    args += ["--device", "cpu", "--overlap", "0.25", "--budget-seconds", "0", "--report", str(report)]
+    assert main([*args, *flags]) == 0
+    return json.loads(report.read_text())["cases"][0]["figures"]["step2"]["patch"]
+
+
+def test_inference_tiles_with_the_cards_patch_unless_patch_is_given(tmp_path):
+    weights = _weights(tmp_path / "w", {"global_size": 16, "patch": 24})
+    assert _patch_run(tmp_path, weights, "card") == [24, 24, 24]
+    assert _patch_run(tmp_path, weights, "flag", "--patch", "16") == [16, 16, 16]

@@ -73,9 +73,8 @@ def pipeline_config_for(
     step2: bool = True,
 ) -> PipelineConfig:
     """The pipeline as the model was trained: the method settings come from the cards (``dw``
-    overrides their DW form), the patch too, as inference.py runs it."""
-    patch = card_settings(models).patch
-    tiling = TilingConfig(patch=(patch,) * 3, overlap=overlap, batch=batch)
+    overrides their DW form), the patch too (MethodSettings.tile_patch, as inference.py runs it)."""
+    tiling = TilingConfig(patch=card_settings(models).tile_patch(), overlap=overlap, batch=batch)
     return PipelineConfig(
         kernels=KernelOptions(precision="bf16" if device.type == "cuda" else "fp32"),
         step1=models.step1 is not None,
