@@ -41,6 +41,7 @@ from fmc.safeguards import (
     take_input_where_non_finite_,
     tile_with_memory_retries,
 )
+from fmc.step1_mode import OUTPUT, Step1Mode
 from fmc.tiling import Deadline, TilingConfig
 from fmc.weights import LoadedModel, ModelSet, WeightsError
 
@@ -138,7 +139,7 @@ class StepTwoInputs:
         iso: torch.Tensor,
         step1_small: torch.Tensor | None,
         inputs: tuple[str, ...],
-        add_input: bool = False,
+        mode: Step1Mode = OUTPUT,
         distance_small: torch.Tensor | None = None,
     ) -> None:
         check_step2_inputs(inputs)
@@ -146,7 +147,8 @@ class StepTwoInputs:
             raise ValueError("the step-2 model takes the distance channel: pass distance_small")
         self.iso = iso
         self.inputs = inputs
-        self.add_input = add_input  # "correction" step 1: the small volume is a change of the input
+        self.mode = mode  # how the small step-1 volume becomes the step-1 channel (fmc.step1_mode)
+        self.step1_small = step1_small
         # Without step 1 (ablation) the input itself stands in for its output, as in the paper's table.
         use_step1 = "step1" in inputs and step1_small is not None
         self.upsampler = RegionResampler(step1_small, tuple(iso.shape)) if use_step1 else None
@@ -173,7 +175,7 @@ class StepTwoInputs:
                     channels.append(image)
                 else:
                     second = self.upsampler.region(start, size)
-                    channels.append(second + image if self.add_input else second)
+                    channels.append(self.mode.apply(second, image))
             else:
                 assert self.distance is not None
                 channels.append(self.distance.region(start, size))
@@ -185,6 +187,20 @@ class StepTwoInputs:
         index = self.inputs.index("step1") if "step1" in self.inputs else 0
         return batch[:, index : index + 1]
 
+    def add_residual_(self, change: torch.Tensor, channel: int) -> torch.Tensor:
+        """Step 2's blended ``change`` applied at its network's residual ``channel`` (in place).
+
+        In correction mode that channel is the input, or the input plus step 1's upsampled change; the
+        latter is added slab by slab, so no full-size copy of the step-1 channel is made.
+        """
+        if not self.mode.correction:
+            return change
+        self.mode.apply_(change, self.iso)
+        if self.step1_small is not None and channel == 1:
+            for z0, slab in resample_slabs(self.step1_small, self.shape):
+                self.mode.apply_(change[z0 : z0 + slab.shape[0]], slab)
+        return change
+
 
 class FusionPipeline:
     """Predict the fused volume from one view with a step-1 and/or step-2 RUNet."""
@@ -195,6 +211,7 @@ class FusionPipeline:
         self.step1_model = models.step1 if config.step1 else None
         self.step2_model = models.step2 if config.step2 else None
         self.settings, self.settings_sources = resolve_settings(models, config)
+        self.mode = Step1Mode(self.settings.step1_mode)
         log.info("method settings: %s", self.settings.describe(self.settings_sources))
         self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
         self.step2_decisions: list[str] = []  # the planner's choice and the deadline's stand-ins, last run()
@@ -236,7 +253,7 @@ class FusionPipeline:
     @property
     def correction(self) -> bool:
         """Step 1 predicts a change of the input (fmc.method's "correction" mode) rather than the output."""
-        return self.settings.step1_mode == "correction"
+        return self.mode.correction
 
     def describe(self) -> str:
         """One phrase naming the steps and presets that will run, for the per-case log line."""
@@ -404,8 +421,8 @@ class FusionPipeline:
         if not isinstance(prediction, torch.Tensor):  # step 2 off or skipped: step 1 at full resolution
             with self._timed(timings, "step1_upsample", dev):
                 prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
-                if self.correction and step1_small is not None:
-                    prediction.add_(iso)
+                if step1_small is not None:
+                    self.mode.apply_(prediction, iso)
                 take_input_where_non_finite_(prediction, iso)
         del step1_small
         return prediction
@@ -421,7 +438,7 @@ class FusionPipeline:
         size = (self.global_size,) * 3
         small = resample_to_shape(iso, size)
         out = self._predictor(self.step1_model)(small[None, None])[0, 0].float()
-        return out - small if self.correction else out
+        return self.mode.change(out, small)
 
     def _patch_step(
         self,
@@ -444,7 +461,7 @@ class FusionPipeline:
         distance_small = (
             coarse_distance_channel(iso, self.config.target_spacing) if "distance" in inputs else None
         )
-        source = StepTwoInputs(iso, step1_small, inputs, self.correction, distance_small)
+        source = StepTwoInputs(iso, step1_small, inputs, self.mode, distance_small)
         tiling, tta = self.config.tiling, self.config.tta
         stop = None
         if deadline is not None:
@@ -455,30 +472,13 @@ class FusionPipeline:
             if not plan.run:
                 return StepTwo.SKIPPED
             tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
-        predictor = self._predictor(self.step2_model, tta)
-        if not self.correction:
-            if deadline is not None:
-                stop = Deadline(deadline - reserve_seconds, source.step_one_channel)
-            out = tile_with_memory_retries(source, predictor, tiling, stop)[0]
-            self._note_stand_ins(stop)
-            return out
-        # "correction": blend only what the network changes, then add what it started from (its
-        # residual channel: the input, or the input plus step 1's change) -- zero heads leave that
-        # exactly, to the last bit.
         channel = int(self.step2_model.card.config.get("residual_channel", 0))
-
-        def change(batch: torch.Tensor) -> torch.Tensor:
-            return predictor(batch) - batch[:, channel : channel + 1]
-
+        blended = self.mode.patch_change(self._predictor(self.step2_model, tta), channel)
         if deadline is not None:
-            stop = Deadline(deadline - reserve_seconds, lambda batch: torch.zeros_like(batch[:, :1]))
-        out = tile_with_memory_retries(source, change, tiling, stop)[0]
+            stop = Deadline(deadline - reserve_seconds, self.mode.patch_stand_in(source.step_one_channel))
+        out = tile_with_memory_retries(source, blended, tiling, stop)[0]
         self._note_stand_ins(stop)
-        out.add_(iso)
-        if step1_small is not None and channel == 1:
-            for z0, slab in resample_slabs(step1_small, tuple(iso.shape)):
-                out[z0 : z0 + slab.shape[0]].add_(slab)
-        return out
+        return source.add_residual_(out, channel)
 
     def _note_stand_ins(self, stop: Deadline | None) -> None:
         if stop is None:
