@@ -12,11 +12,13 @@ import json
 import logging
 import sys
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
 from fmc.cli_help import DefaultsHelpFormatter, default_goes_unsaid
 from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DW_FORMS
+from fmc.tiling import TilingConfig
 from fmc.training.config import ABLATIONS, FitConfig, resolve_config
 
 log = logging.getLogger("fmc.train")
@@ -50,8 +52,8 @@ def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
         shown = "" if default_goes_unsaid(default, described) else f" (default: {default})"
         help_text = f"{described}{shown}{preset_note}"
         kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": flag.name}
-        if "choices" in flag.field.metadata:
-            kwargs["choices"] = flag.field.metadata["choices"]
+        if flag.choices is not None:  # the knob's, else the field's Literal values
+            kwargs["choices"] = flag.choices
         if flag.hint is bool:
             section.add_argument(*spellings, action=argparse.BooleanOptionalAction, **kwargs)
         elif isinstance(default, tuple):
@@ -59,8 +61,16 @@ def _add_fit_flags(parser: argparse.ArgumentParser) -> None:
             nargs = 3 if flag.name == "sim_shape" else "*"
             section.add_argument(*spellings, type=item, nargs=nargs, **kwargs)
         else:
-            base = type(default) if default is not None else str
-            section.add_argument(*spellings, type=base, **kwargs)
+            section.add_argument(*spellings, type=_value_type(flag.hint, default), **kwargs)
+
+
+def _value_type(hint: Any, default: Any) -> type:
+    """The type a flag's text is read as: the default's, else the hint's besides None (``int | None``:
+    int), else str (a Literal's values are strings)."""
+    if default is not None:
+        return type(default)
+    kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return kinds[0] if len(kinds) == 1 and isinstance(kinds[0], type) else str
 
 
 def _fit_config(args: argparse.Namespace) -> FitConfig:
@@ -175,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     ev.add_argument("--channels", nargs="*", choices=CHANNELS, default=(), help="only these channels")
     ev.add_argument("--max-cases", type=int, default=0, help="at most this many cases (0: all)")
-    ev.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
-    ev.add_argument("--batch", type=int, default=2, help="patches per forward")
+    tiling = TilingConfig()  # the tiling flags' defaults, as inference.py's
+    ev.add_argument("--overlap", type=float, default=tiling.overlap, help="patch overlap")
+    ev.add_argument("--batch", type=int, default=tiling.batch, help="patches per forward")
     ev.add_argument("--tta", action="store_true", help="test-time flips")
     ev.add_argument(
         "--dw", choices=DW_FORMS, default=None, help="DW form instead of the card's: paper | released | none"
@@ -219,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     table.add_argument("--out", type=Path, default=Path("quality"), help="folder for cases.csv and table.md")
     table.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
-    table.add_argument("--overlap", type=float, default=0.5, help="patch overlap")
+    table.add_argument("--overlap", type=float, default=tiling.overlap, help="patch overlap")
     return parser
 
 

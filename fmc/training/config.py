@@ -20,31 +20,48 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DEFAULT_PATCH, DW_FORMS, STEP1_MODES, MethodSettings
+from fmc.method import (
+    CHANNELS,
+    DEFAULT_GLOBAL_SIZE,
+    DEFAULT_PATCH,
+    Channel,
+    DWForm,
+    MethodSettings,
+    Step1Mode,
+    TrainableDWForm,
+)
 from fmc.network import PRESETS
 
-STAGES = ("1", "2", "both", "joint")
-STEP2_RESIDUALS = ("input", "step1")
-TARGET_FRAMES = ("target", "input")
-GAN_MODES = ("bce", "lsgan")
-LR_SCHEDULES = ("cosine", "constant")
-VAL_MODES = ("iso", "full")
-ACCELERATORS = ("auto", "cpu", "gpu")
-TRAINABLE_DW_FORMS = tuple(form for form in DW_FORMS if form != "none")  # --no-dw is "none"
+# A choice setting's allowed values are its field's Literal type (the CLI's choices and validate's
+# check read them there, FitConfig.flags); a tuple another module needs is derived from it.
+TRAINABLE_DW_FORMS: tuple[str, ...] = typing.get_args(TrainableDWForm)  # --no-dw is "none"
+#: MethodSettings fields whose check refuses a fit setting, by that setting's flag name.
+SETTING_FLAGS = {"max_filter": "dw_max_filter", "global_size": "global_size", "patch": "patch"}
 
 
 def knob(default: Any, help: str, choices: tuple[str, ...] | None = None, *, flag: str | None = None) -> Any:
-    """A setting with its ``--flag`` help text and allowed values, kept beside it: the CLI builds its
-    flags from these, and :meth:`FitConfig.validate` checks the choices. ``flag`` names it on the
-    command line and in stored dicts when the field's own name would read badly in its group."""
+    """A setting with its ``--flag`` help text, kept beside it: the CLI builds its flags from these,
+    and :meth:`FitConfig.validate` checks the choices. The choices of a ``Literal`` field are its
+    values (:func:`choices_of`); ``choices`` is for a field whose values some other table owns (the
+    ablations, the presets). ``flag`` names it on the command line and in stored dicts when the
+    field's own name would read badly in its group."""
     metadata: dict[str, Any] = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
     if flag is not None:
         metadata["flag"] = flag
     return field(default=default, metadata=metadata)
+
+
+def choices_of(hint: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal`` type hint, or of each item of ``tuple[Literal, ...]``; None
+    for any other hint."""
+    if typing.get_origin(hint) is tuple:
+        items = [arg for arg in typing.get_args(hint) if arg is not Ellipsis]
+        return choices_of(items[0]) if items else None
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
 # Table 1 of Wodzinski & Mueller (ISBI 2025): which parts of the method are switched on.
@@ -78,18 +95,41 @@ class DataConfig:
     simulate: int = knob(
         0, "simulate N pairs per channel with fmc.simulate (domain randomization) and train on them"
     )
-    sim_channels: tuple[str, ...] = knob(CHANNELS, "channels to simulate", choices=CHANNELS)
+    sim_channels: tuple[Channel, ...] = knob(CHANNELS, "channels to simulate")
     sim_shape: tuple[int, int, int] = knob((48, 128, 128), "voxels (Z Y X) of each simulated pair")
     sim_seed: int = knob(1000, "base seed of the simulated pairs (channel k uses seed + k)")
-    channels: tuple[str, ...] = knob(
-        (), "train on these channels only (default: all in the cache)", choices=CHANNELS
-    )
+    channels: tuple[Channel, ...] = knob((), "train on these channels only (default: all in the cache)")
     flips: bool = knob(True, "random flips on all axes")
     patches_per_case: int = knob(16, "step-2 epoch = this many crops per training case")
 
     def cache_dir(self) -> Path:
         """Where the prepared cache lives."""
         return Path(self.cache) if self.cache else Path(self.run_dir) / "cache"
+
+
+@dataclass(frozen=True)
+class DifferenceWeightingConfig:
+    """Difference weighting, eq. (2): whether this run's model has it, in which form, and its max filters."""
+
+    enabled: bool = knob(
+        False, "difference weighting, eq. (2), on the final stage's output before the loss", flag="dw"
+    )
+    form: TrainableDWForm = knob(  # noqa: RUF009 (knob returns a dataclasses.Field, as field() does)
+        "paper",
+        "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
+        "inference only)",
+        flag="dw_form",
+    )
+    train_max_filter: int = knob(
+        0, "max-filter size on O' during training (0 = off)", flag="dw_train_max_filter"
+    )
+    max_filter: int = knob(
+        3, "max-filter size on O' in the inference pipeline (validation, model card)", flag="dw_max_filter"
+    )
+
+    def inference_form(self) -> DWForm:
+        """The form the inference pipeline applies to this run's model: ``none`` when it has no DW."""
+        return self.form if self.enabled else "none"
 
 
 @dataclass
@@ -99,10 +139,8 @@ class MethodConfig:
     ablation: str = knob(
         DEFAULT_ABLATION, "Table 1 preset: " + ", ".join(ABLATIONS), choices=tuple(ABLATIONS)
     )
-    step: str = knob(
-        "both",
-        "what to train: 1 (global), 2 (patches), both (1 then 2) or joint (both nets, one loss)",
-        choices=STAGES,
+    step: Literal["1", "2", "both", "joint"] = knob(
+        "both", "what to train: 1 (global), 2 (patches), both (1 then 2) or joint (both nets, one loss)"
     )
     step1_enabled: bool = knob(True, "the model has the global step (off: patch-only)")
     step2_enabled: bool = knob(True, "the model has the patch step (off: step1-only)")
@@ -112,23 +150,20 @@ class MethodConfig:
     preset: str = knob("small", "RUNet size preset: " + " | ".join(PRESETS), choices=tuple(PRESETS))
     global_size: int = knob(DEFAULT_GLOBAL_SIZE, "edge of the step-1 global volume (the paper: 224)")
     patch: int = knob(DEFAULT_PATCH, "edge of the step-2 training crops and inference patches")
-    step1_mode: str = knob(
+    step1_mode: Step1Mode = knob(  # noqa: RUF009 (knob returns a dataclasses.Field, as field() does)
         "correction",
         "correction: step 1 predicts a change added to the 0.6 um input and untrained networks give the "
         "input back exactly; output: step 1's output is the prediction (the paper)",
-        choices=STEP1_MODES,
     )
-    step2_residual: str = knob(
+    step2_residual: Literal["input", "step1"] = knob(
         "input",
         "what step 2 corrects: input (untrained: no change; step 1 is context) or step1 (the "
         "step-1 prediction)",
-        choices=STEP2_RESIDUALS,
     )
-    target_frame: str = knob(
+    target_frame: Literal["target", "input"] = knob(
         "input",
         "step-2 targets as normalized (target) or affinely fitted per case to the input (input; the "
         "metric ignores a global scale and offset)",
-        choices=TARGET_FRAMES,
     )
     distance_channel: bool = knob(
         False, "step 2 also sees the signed distance to the specimen's hull surface (fmc.distance)"
@@ -138,15 +173,20 @@ class MethodConfig:
         "start the generator from these weights: an exported step-N .safetensors (or its stem) or a fit "
         "checkpoint; new input channels start at zero",
     )
-    dw: bool = knob(False, "difference weighting, eq. (2), on the final stage's output before the loss")
-    dw_form: str = knob(
-        "paper",
-        "DW form with --dw: paper (eq. 2, also before the loss) or released (the authors' code; "
-        "inference only)",
-        choices=TRAINABLE_DW_FORMS,
-    )
-    dw_train_max_filter: int = knob(0, "max-filter size on O' during training (0 = off)")
-    dw_max_filter: int = knob(3, "max-filter size on O' in the inference pipeline (validation, model card)")
+    difference_weighting: DifferenceWeightingConfig = field(default_factory=DifferenceWeightingConfig)
+
+    # The flat names fmc.training.module reads (until it reads ``difference_weighting``): read-only views.
+    @property
+    def dw(self) -> bool:
+        return self.difference_weighting.enabled
+
+    @property
+    def dw_form(self) -> TrainableDWForm:
+        return self.difference_weighting.form
+
+    @property
+    def dw_train_max_filter(self) -> int:
+        return self.difference_weighting.train_max_filter
 
     @property
     def joint(self) -> bool:
@@ -171,8 +211,8 @@ class MethodConfig:
     def inference_settings(self) -> MethodSettings:
         """The method as the inference pipeline runs this run's model (validation, export card)."""
         return MethodSettings(
-            difference_weighting=self.dw_form if self.dw else "none",
-            max_filter=self.dw_max_filter,
+            difference_weighting=self.difference_weighting.inference_form(),
+            max_filter=self.difference_weighting.max_filter,
             global_size=self.global_size,
             patch=self.patch,
             step1_mode=self.step1_mode,
@@ -191,7 +231,7 @@ class LossConfig:
     w_cosine: float = knob(0.0, "weight of a 1-cosine term")
     w_step1: float = knob(1.0, "joint training: weight of step 1's own loss on the global volume")
     gan_warmup_steps: int = knob(500, "generator steps with beta=0 before the adversarial term starts")
-    gan_mode: str = knob("bce", "adversarial loss: bce (non-saturating) or lsgan", choices=GAN_MODES)
+    gan_mode: Literal["bce", "lsgan"] = knob("bce", "adversarial loss: bce (non-saturating) or lsgan")
     disc_base: int = knob(16, "discriminator base channels")
     disc_levels: int = knob(4, "discriminator levels")
     disc_conditional: bool = knob(True, "discriminator also sees the input view")
@@ -204,13 +244,13 @@ class OptimiserConfig:
     lr: float = knob(3e-4, "generator AdamW learning rate")
     d_lr: float = knob(1e-4, "discriminator AdamW learning rate")
     weight_decay: float = knob(1e-4, "AdamW weight decay")
-    lr_schedule: str = knob("cosine", "cosine (over --max-steps) or constant", choices=LR_SCHEDULES)
+    lr_schedule: Literal["cosine", "constant"] = knob("cosine", "cosine (over --max-steps) or constant")
     grad_clip: float = knob(1.0, "gradient norm clip (0 = off)")
     batch: int = knob(2, "step-2 patches per batch (per process)")
     batch_global: int = knob(1, "step-1 global volumes per batch (per process)")
     max_steps: int = knob(20000, "generator steps per stage (-1: no limit)")
     max_epochs: int = knob(-1, "epochs per stage (-1: no limit)")
-    seed: int = knob(0, "seed of the split, initialization and augmentation")
+    seed: int = knob(0, "seed of initialization and augmentation, and of the split unless --split-seed")
 
 
 @dataclass
@@ -226,13 +266,12 @@ class ValidationConfig:
         "image ids >= N validate and pick the checkpoint, the rest train (e.g. held-out-family pairs "
         "written with fmc.simulate_heldout --first-id N beside the training pairs); 0: off",
     )
+    split_seed: int | None = knob(None, "seed of the random split (default: --seed)")
     split_csv: str | None = knob(None, "reuse this split.csv")
     val_every: int = knob(1, "validate every K epochs")
     val_max_cases: int = knob(0, "validate on at most this many cases (0: all)")
-    val_mode: str = knob(
-        "iso",
-        "iso: cached 0.6 um volumes, pipeline core; full: source TIFFs through FusionPipeline.run",
-        choices=VAL_MODES,
+    val_mode: Literal["iso", "full"] = knob(
+        "iso", "iso: cached 0.6 um volumes, pipeline core; full: source TIFFs through FusionPipeline.run"
     )
     val_overlap: float = knob(0.25, "patch overlap of the validation pipeline")
     val_batch: int = knob(2, "patches per forward in the validation pipeline")
@@ -243,7 +282,7 @@ class ValidationConfig:
 class HardwareConfig:
     """Where and how the run executes: devices, processes, precision, loader workers, resume, logging."""
 
-    accelerator: str = knob("auto", "auto | cpu | gpu", choices=ACCELERATORS)
+    accelerator: Literal["auto", "cpu", "gpu"] = knob("auto", "auto | cpu | gpu")
     devices: str = knob("auto", "processes per node (auto: all GPUs, or 1 on CPU); >1 uses DDP")
     num_nodes: int = knob(1, "nodes (DDP; works under torchrun and SLURM)")
     strategy: str = knob("auto", "Lightning strategy (auto: ddp when more than one process)")
@@ -262,6 +301,15 @@ class Flag:
     group_type: type  # that group's dataclass
     field: dataclasses.Field
     hint: Any  # its resolved type
+    # the attributes from the group down to the dataclass holding the field (a nested one, e.g.
+    # ("difference_weighting",)), and that dataclass; () and the group's type for a group's own field
+    within: tuple[str, ...] = ()
+    owner_type: type | None = None
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        """The allowed values: the knob's own, else the field's Literal type's; None: any."""
+        return self.field.metadata.get("choices") or choices_of(self.hint)
 
 
 @dataclass
@@ -286,15 +334,20 @@ class FitConfig:
         """Every setting as a flag, group by group, in the order ``fit --help`` and stored dicts list
         them (resolved once: every to_dict / from_dict / validate reads it)."""
         groups = typing.get_type_hints(cls)
-        found = []
-        for group in dataclasses.fields(cls):
-            if group.name == "extra":
-                continue
-            group_type = groups[group.name]
-            hints = typing.get_type_hints(group_type)
-            for item in dataclasses.fields(group_type):
+        found: list[Flag] = []
+
+        def walk(group: str, group_type: type, within: tuple[str, ...], owner: type) -> None:
+            hints = typing.get_type_hints(owner)
+            for item in dataclasses.fields(owner):
+                if dataclasses.is_dataclass(hints[item.name]):  # a nested group: its fields, flat
+                    walk(group, group_type, (*within, item.name), hints[item.name])
+                    continue
                 name = item.metadata.get("flag", item.name)
-                found.append(Flag(name, group.name, group_type, item, hints[item.name]))
+                found.append(Flag(name, group, group_type, item, hints[item.name], within, owner))
+
+        for group in dataclasses.fields(cls):
+            if group.name != "extra":
+                walk(group.name, groups[group.name], (), groups[group.name])
         return tuple(found)
 
     @classmethod
@@ -303,14 +356,23 @@ class FitConfig:
         group_type = next(flag.group_type for flag in cls.flags() if flag.group == group)
         return inspect.getdoc(group_type) or ""
 
+    def seed_of_split(self) -> int:
+        """The random split's seed: ``--split-seed``, else ``--seed`` (so runs that predate the split's
+        own seed, and runs that leave it out, split as they did)."""
+        own = self.validation.split_seed
+        return self.optimiser.seed if own is None else own
+
     def value(self, flag: Flag) -> Any:
         """The current value of one setting."""
-        return getattr(getattr(self, flag.group), flag.field.name)
+        owner = getattr(self, flag.group)
+        for name in flag.within:
+            owner = getattr(owner, name)
+        return getattr(owner, flag.field.name)
 
     def validate(self) -> None:
         """Refuse combinations that cannot train, with a message that says what to change."""
         for flag in self.flags():
-            allowed = flag.field.metadata.get("choices")
+            allowed = flag.choices
             value = self.value(flag)
             for item in value if isinstance(value, tuple) else (value,):
                 if allowed is not None and item not in allowed:
@@ -324,8 +386,14 @@ class FitConfig:
             raise ValueError(
                 f"--step {method.step} trains nothing: the {method.ablation} model has no such stage"
             )
-        if method.patch < 8 or method.global_size < 8:
-            raise ValueError("--patch and --global-size must be >= 8")
+        try:  # the limits the inference pipeline sets (max filter odd, sizes): MethodSettings' checks
+            method.inference_settings()
+        except ValueError as error:
+            text = str(error)
+            name = next((n for n in SETTING_FLAGS if text.startswith(n + " ")), None)
+            if name is None:
+                raise
+            raise ValueError("--" + SETTING_FLAGS[name].replace("_", "-") + text[len(name) :]) from None
         smallest = min(method.patch, method.global_size)
         if loss.beta > 0 and smallest < 2**loss.disc_levels:
             raise ValueError(
@@ -340,8 +408,6 @@ class FitConfig:
             raise ValueError("--init-weights starts one stage: give --step 1 or --step 2")
         if method.distance_channel and method.joint:
             raise ValueError("--distance-channel is not built for --step joint; train --step 2 after step 1")
-        if method.dw_max_filter < 1 or method.dw_max_filter % 2 == 0:
-            raise ValueError(f"dw_max_filter must be odd and >= 1, got {method.dw_max_filter}")
 
     def to_dict(self) -> dict[str, Any]:
         """One flat dict of plain JSON types (tuples become lists), so checkpoints stay
@@ -354,7 +420,7 @@ class FitConfig:
         """Inverse of :meth:`to_dict` (any subset of the keys); unknown keys are kept in ``extra``
         rather than failing old runs."""
         by_name = {flag.name: flag for flag in cls.flags()}
-        grouped: dict[str, dict[str, Any]] = {}
+        owned: dict[tuple[str, ...], dict[str, Any]] = {}  # (group, *within) -> that dataclass's values
         extra = dict(data.get("extra", {}))
         for key, value in data.items():
             if key == "extra":
@@ -363,17 +429,24 @@ class FitConfig:
                 extra[key] = value
                 continue
             flag = by_name[key]
-            grouped.setdefault(flag.group, {})[flag.field.name] = (
+            owned.setdefault((flag.group, *flag.within), {})[flag.field.name] = (
                 tuple(value) if isinstance(value, list) else value
             )
-        group_types = {flag.group: flag.group_type for flag in cls.flags()}
-        groups = {name: group_types[name](**values) for name, values in grouped.items()}
+        types = {(flag.group, *flag.within): flag.owner_type for flag in cls.flags()}
+        for path in sorted(owned, key=len, reverse=True):  # nested dataclasses first, into their parents
+            if len(path) > 1:
+                owned.setdefault(path[:-1], {})[path[-1]] = types[path](**owned.pop(path))
+        groups = {path[0]: types[path](**values) for path, values in owned.items()}
         return cls(**groups, extra=extra)
 
     def write(self, path: Path) -> None:
         """Write the resolved config as indented JSON."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+#: The step-2 target frames (fmc.training.data checks its argument against them).
+TARGET_FRAMES: tuple[str, ...] = typing.get_args(typing.get_type_hints(MethodConfig)["target_frame"])
 
 
 def resolve_config(explicit: dict[str, Any], ablation: str | None = None) -> FitConfig:

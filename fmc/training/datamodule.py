@@ -38,7 +38,7 @@ def resolve_split(config: FitConfig, cases: list[CachedCase]) -> list[SplitRow]:
         rows = make_split(
             [(c.id, c.image_id, c.channel, c.study) for c in cases],
             val_fraction=config.validation.val_fraction,
-            seed=config.optimiser.seed,
+            seed=config.seed_of_split(),
             val_studies=tuple(config.validation.val_studies),
             val_min_id=config.validation.val_min_id,
         )

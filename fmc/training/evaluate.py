@@ -34,6 +34,7 @@ from fmc.weights import ModelSet, discover_models
 log = logging.getLogger(__name__)
 
 METHODS = (*BASELINES, "model")
+TILING_DEFAULTS = TilingConfig()
 
 
 @dataclass
@@ -46,8 +47,8 @@ class EvaluateConfig:
     device: str = "auto"
     channels: tuple[str, ...] = ()
     max_cases: int = 0
-    overlap: float = 0.5
-    batch: int = 2
+    overlap: float = TILING_DEFAULTS.overlap  # as inference.py's
+    batch: int = TILING_DEFAULTS.batch
     tta: bool = False
     dw: str | None = None  # override the card's DW form ("paper" | "released" | "none")
     step2: bool = True  # False: step 1 alone (the table's "step 1" rows)

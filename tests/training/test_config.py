@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
+from fmc.method import DW_FORMS, MethodSettings
 from fmc.training.cli import build_parser, main
-from fmc.training.config import ABLATIONS, FitConfig, resolve_config
+from fmc.training.config import (
+    ABLATIONS,
+    TRAINABLE_DW_FORMS,
+    DifferenceWeightingConfig,
+    FitConfig,
+    resolve_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,6 +94,10 @@ def test_fit_accepts_out_as_the_run_folder(tmp_path, capsys):
     assert f'"run_dir": "{tmp_path / "run"}"' in capsys.readouterr().out
 
 
+#: Settings added after the shipped cards were written (their records load with the default).
+NEWER_THAN_THE_SHIPPED_CARDS = {"split_seed": None}
+
+
 def _shipped_fit_config(model: str) -> dict:
     card = json.loads((REPO / "resources/weights" / model / "step2.json").read_text())
     return card["training"]["fit_config"]
@@ -95,7 +108,7 @@ def test_flat_records_of_earlier_runs_load_into_the_groups() -> None:
     record from before a setting existed gets that setting's default."""
     current = _shipped_fit_config("any")
     config = FitConfig.from_dict(current)
-    assert config.extra == {} and config.to_dict() == current
+    assert config.extra == {} and config.to_dict() == {**current, **NEWER_THAN_THE_SHIPPED_CARDS}
     assert config.data.raw_folder == current["data"] and config.method.init_weights == current["init_weights"]
     # a record written before a setting existed (the shipped cards' of 2026-12-01 had no distance_channel)
     older = {k: v for k, v in current.items() if k != "distance_channel"}
@@ -107,7 +120,7 @@ def test_flat_records_of_earlier_runs_load_into_the_groups() -> None:
 def test_each_setting_has_one_flag_and_the_flags_are_the_stored_keys() -> None:
     flags = [flag.name for flag in FitConfig.flags()]
     assert len(flags) == len(set(flags))
-    assert set(flags) == set(_shipped_fit_config("any")) - {"extra"}
+    assert set(flags) == set(_shipped_fit_config("any")) - {"extra"} | set(NEWER_THAN_THE_SHIPPED_CARDS)
     fit_parser = build_parser()._subparsers._group_actions[0].choices["fit"]  # type: ignore[union-attr]
     given = {action.dest for action in fit_parser._actions}
     assert set(flags) <= given
@@ -125,3 +138,71 @@ def test_data_flag_fills_the_raw_folder_and_groups_are_typed(capsys: pytest.Capt
     )
     with pytest.raises(ValueError, match="gan_mode must be one of"):
         resolve_config({"gan_mode": "wgan"})
+
+
+def test_difference_weighting_is_one_object_under_its_flat_flags() -> None:
+    given = {"dw_form": "released", "dw_train_max_filter": 3, "dw_max_filter": 5}
+    config = resolve_config(given, "adversarial-dw")
+    dw = config.method.difference_weighting
+    assert dw == DifferenceWeightingConfig(enabled=True, form="released", train_max_filter=3, max_filter=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dw.max_filter = 7  # type: ignore[misc]
+    stored = config.to_dict()
+    assert {k: stored[k] for k in ("dw", "dw_form", "dw_train_max_filter", "dw_max_filter")} == {
+        "dw": True,
+        "dw_form": "released",
+        "dw_train_max_filter": 3,
+        "dw_max_filter": 5,
+    }
+    assert FitConfig.from_dict(stored) == config
+    settings = config.method.inference_settings()
+    assert (settings.difference_weighting, settings.max_filter) == ("released", 5)
+    assert resolve_config({}, "two-step").method.inference_settings().difference_weighting == "none"
+    # the flat names fmc.training.module reads are views of the object
+    method = config.method
+    assert (method.dw, method.dw_form, method.dw_train_max_filter) == (True, "released", 3)
+
+
+def test_the_split_has_its_own_seed_which_defaults_to_the_run_seed(capsys) -> None:
+    assert resolve_config({}).seed_of_split() == 0
+    assert resolve_config({"seed": 5}).seed_of_split() == 5  # as every run before split_seed split
+    assert resolve_config({"seed": 5, "split_seed": 2}).seed_of_split() == 2
+    assert resolve_config({"seed": 5, "split_seed": 2}).optimiser.seed == 5
+    assert FitConfig.from_dict({"seed": 7}).seed_of_split() == 7  # a record without split_seed
+    assert main(["fit", "--seed", "4", "--split-seed", "9", "--print-config"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["seed"], data["split_seed"]) == (4, 9)
+
+
+def test_choices_come_from_the_fields_literal_types() -> None:
+    by_name = {flag.name: flag for flag in FitConfig.flags()}
+    assert by_name["dw_form"].choices == TRAINABLE_DW_FORMS == tuple(f for f in DW_FORMS if f != "none")
+    settings_hints = typing.get_type_hints(MethodSettings)
+    assert by_name["step1_mode"].choices == typing.get_args(settings_hints["step1_mode"])
+    assert by_name["step"].choices == ("1", "2", "both", "joint")
+    assert by_name["sim_channels"].choices == by_name["channels"].choices == ("nucleus", "membrane")
+    assert by_name["ablation"].choices == tuple(ABLATIONS)  # a dict owns these: the knob's own
+    assert by_name["lr"].choices is None
+    with pytest.raises(ValueError, match="val_mode must be one of"):
+        resolve_config({"val_mode": "sideways"})
+    with pytest.raises(ValueError, match="channels must be one of"):
+        resolve_config({"channels": ("nucleus", "cytoplasm")})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--accelerator", "tpu"])
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ({"dw_max_filter": 4}, "--dw-max-filter must be odd and >= 1, got 4"),
+        ({"patch": 4}, "--patch must be >= 8, got 4"),
+        ({"global_size": 7}, "--global-size must be >= 8, got 7"),
+    ],
+)
+def test_the_inference_limits_are_method_settings_checks(given, says) -> None:
+    with pytest.raises(ValueError) as refused:
+        resolve_config(given)
+    assert str(refused.value) == says
+    field = {"dw_max_filter": "max_filter"}.get(next(iter(given)), next(iter(given)))
+    with pytest.raises(ValueError, match=f"^{field} must be"):  # the same limit, where it is owned
+        MethodSettings(**{field: next(iter(given.values()))})
