@@ -35,14 +35,16 @@ from fmc.native_detail import NativeDetail, normalized_planes, plan_native_detai
 from fmc.normalization import to_input_range_uint16
 from fmc.resample import RegionResampler, isotropic_shape, resample_slabs, resample_to_shape
 from fmc.safeguards import (
+    Budget,
+    StepTwoPatches,
     StepTwoPlan,
-    plan_step_two,
+    StepTwoRecord,
     post_step2_reserve_seconds,
+    run_step_two,
     take_input_where_non_finite_,
-    tile_with_memory_retries,
 )
-from fmc.step1_mode import OUTPUT, Step1Mode
-from fmc.tiling import Deadline, TilingConfig
+from fmc.step1_mode import OUTPUT, Step1ModeRule
+from fmc.tiling import TilingConfig
 from fmc.weights import LoadedModel, ModelSet, WeightsError
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,7 @@ class StepTwoInputs:
         iso: torch.Tensor,
         step1_small: torch.Tensor | None,
         inputs: tuple[str, ...],
-        mode: Step1Mode = OUTPUT,
+        mode: Step1ModeRule = OUTPUT,
         distance_small: torch.Tensor | None = None,
     ) -> None:
         check_step2_inputs(inputs)
@@ -211,13 +213,10 @@ class FusionPipeline:
         self.step1_model = models.step1 if config.step1 else None
         self.step2_model = models.step2 if config.step2 else None
         self.settings, self.settings_sources = resolve_settings(models, config)
-        self.mode = Step1Mode(self.settings.step1_mode)
+        self.mode = Step1ModeRule(self.settings.step1_mode)  # how step 1 and 2 reach the output
         log.info("method settings: %s", self.settings.describe(self.settings_sources))
         self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
-        self.step2_decisions: list[str] = []  # the planner's choice and the deadline's stand-ins, last run()
-        # the same as data, for the run report (None: no deadline in the last run())
-        self.step2_plan: StepTwoPlan | None = None
-        self.step2_stand_ins: int | None = None
+        self.step2_record = StepTwoRecord()  # what step 2's safeguards decided in the last run()
         self.native_detail = UNTOUCHED  # how the last run() took the native input
         self.gate = GateDecision(None, 1.0)  # the safeguard's choice in the last run()
         self.closeness_by_dw: dict[str, float] = {}  # per DW form, in the last run_each_setting()
@@ -249,6 +248,21 @@ class FusionPipeline:
     def global_size(self) -> int:
         """Step-1 cube edge: the configured one, else the size the step-1 model was trained at."""
         return self.settings.global_size
+
+    @property
+    def step2_decisions(self) -> list[str]:
+        """The planner's choice and the deadline's stand-ins in the last run(), in words."""
+        return self.step2_record.decisions
+
+    @property
+    def step2_plan(self) -> StepTwoPlan | None:
+        """The planner's choice in the last run(); None: no deadline."""
+        return self.step2_record.plan
+
+    @property
+    def step2_stand_ins(self) -> int | None:
+        """Patches the deadline gave the stand-in in the last run(); None: no deadline."""
+        return self.step2_record.stand_ins
 
     @property
     def correction(self) -> bool:
@@ -295,8 +309,7 @@ class FusionPipeline:
         timings: dict[str, float] = {}
         dev = self.device
         self.memory_high_water_gib = {}
-        self.step2_decisions = []
-        self.step2_plan, self.step2_stand_ins = None, None
+        self.step2_record = StepTwoRecord()
         with torch.inference_mode():
             iso, bounds = to_isotropic(volume, spacing, dev, self.config.target_spacing, self._timed, timings)
             reserve = post_step2_reserve_seconds(
@@ -415,7 +428,8 @@ class FusionPipeline:
         prediction: torch.Tensor | StepTwo = StepTwo.OFF
         if self.step2_model is not None:
             with self._timed(timings, "step2", dev):
-                prediction = self._patch_step(iso, step1_small, deadline, reserve_seconds)
+                budget = None if deadline is None else Budget(deadline, reserve_seconds)
+                prediction = self._patch_step(iso, step1_small, budget)
                 if isinstance(prediction, torch.Tensor):
                     take_input_where_non_finite_(prediction, iso)
         if not isinstance(prediction, torch.Tensor):  # step 2 off or skipped: step 1 at full resolution
@@ -441,102 +455,32 @@ class FusionPipeline:
         return self.mode.change(out, small)
 
     def _patch_step(
-        self,
-        iso: torch.Tensor,
-        step1_small: torch.Tensor | None,
-        deadline: float | None,
-        reserve_seconds: float,
+        self, iso: torch.Tensor, step1_small: torch.Tensor | None, budget: Budget | None
     ) -> torch.Tensor | StepTwo:
-        """Step 2: RUNet_2 on overlapping patches of [input, step-1 output], Hann-blended.
-
-        With a deadline, the planner may lower the overlap, drop flips, or skip step 2
-        (returning ``StepTwo.SKIPPED``: use the step-1 output) so that an output is always
-        written in time.
-        Should the patches still run late (a slower machine than the timed batch said), the
-        patches that no longer fit take the step-1 output as their prediction.
-        """
+        """Step 2: RUNet_2 on overlapping patches of [input, step-1 output], Hann-blended, under its
+        safeguards (:func:`fmc.safeguards.run_step_two`: with a budget the planner may skip it)."""
         assert self.step2_model is not None
-        wanted = int(self.step2_model.card.config.get("in_channels", 2))
-        inputs = self.settings.step2_channels(wanted)
+        step2 = self.step2_model
+        source = self._step_two_inputs(iso, step1_small)
+        channel = int(step2.card.config.get("residual_channel", 0))
+        patches = StepTwoPatches(
+            source,
+            network=lambda tta: self._predictor(step2, tta),
+            blended=lambda forward: self.mode.patch_change(forward, channel),
+            stand_in=self.mode.patch_stand_in(source.step_one_channel),
+            warm_up=self.config.kernels.compile is not None,
+        )
+        out = run_step_two(patches, self.config.tiling, self.config.tta, budget, self.step2_record)
+        return StepTwo.SKIPPED if out is None else source.add_residual_(out, channel)
+
+    def _step_two_inputs(self, iso: torch.Tensor, step1_small: torch.Tensor | None) -> StepTwoInputs:
+        """The channels the step-2 model takes (its card), served patch by patch."""
+        assert self.step2_model is not None
+        inputs = self.settings.step2_channels(int(self.step2_model.card.config.get("in_channels", 2)))
         distance_small = (
             coarse_distance_channel(iso, self.config.target_spacing) if "distance" in inputs else None
         )
-        source = StepTwoInputs(iso, step1_small, inputs, self.mode, distance_small)
-        tiling, tta = self.config.tiling, self.config.tta
-        stop = None
-        if deadline is not None:
-            plan = self._plan_step_two(source, deadline, reserve_seconds)
-            log.info("planner: %s", plan.reason)
-            self.step2_decisions.append(plan.reason)
-            self.step2_plan = plan
-            if not plan.run:
-                return StepTwo.SKIPPED
-            tiling, tta = replace(tiling, overlap=plan.overlap), plan.tta
-        channel = int(self.step2_model.card.config.get("residual_channel", 0))
-        blended = self.mode.patch_change(self._predictor(self.step2_model, tta), channel)
-        if deadline is not None:
-            stop = Deadline(deadline - reserve_seconds, self.mode.patch_stand_in(source.step_one_channel))
-        out = tile_with_memory_retries(source, blended, tiling, stop)[0]
-        self._note_stand_ins(stop)
-        return source.add_residual_(out, channel)
-
-    def _note_stand_ins(self, stop: Deadline | None) -> None:
-        if stop is None:
-            return
-        self.step2_stand_ins = stop.stand_ins
-        if stop.stand_ins:
-            self.step2_decisions.append(
-                f"time is up after {stop.patches - stop.stand_ins} of {stop.patches} patches: "
-                f"the {stop.stand_ins} left took the fallback prediction"
-            )
-
-    def _plan_step_two(self, source: StepTwoInputs, deadline: float, reserve_seconds: float) -> StepTwoPlan:
-        """Time one real batch of patches, then let the planner pick overlap and flips.
-
-        Why a step-2 batch and not step 1's forward, which would be free: step 1's first call
-        pays for first-use costs (on CPU its 224^3 forward ran at 1.36 M voxels/s, warm 1.82,
-        a 2x128^3 step-2 batch 2.41 even on its first call; on CUDA kernel loading and cuDNN's
-        algorithm choice), so the estimate was about 1.8x pessimistic and the planner lowered
-        the overlap or skipped step 2 for nothing. One batch is a small part of step 2, and if
-        the estimate turns out optimistic, the deadline inside step 2 still holds.
-        """
-        assert self.step2_model is not None
-        tiling = self.config.tiling
-        seconds_per_batch = self._time_one_batch(source)
-        return plan_step_two(
-            shape=source.shape,
-            patch=tiling.patch,
-            batch=tiling.batch,
-            overlap=tiling.overlap,
-            tta=self.config.tta,
-            seconds_per_batch=seconds_per_batch,
-            seconds_left=deadline - time.perf_counter(),
-            reserve_seconds=reserve_seconds,
-        )
-
-    def _time_one_batch(self, source: StepTwoInputs) -> float:
-        """Seconds to gather a full batch of patches (the volume's corner, its step-1 channel
-        upsampled as for every patch) and run one step-2 forward on it."""
-        assert self.step2_model is not None
-        tiling = self.config.tiling
-        patch = (
-            min(tiling.patch[0], source.shape[0]),
-            min(tiling.patch[1], source.shape[1]),
-            min(tiling.patch[2], source.shape[2]),
-        )
-        forward = self._predictor(self.step2_model, tta=False)
-        cuda = source.device.type == "cuda"
-
-        def one_batch() -> None:
-            forward(torch.stack([source.patch((0, 0, 0), patch) for _ in range(tiling.batch)]))
-            if cuda:
-                torch.cuda.synchronize(source.device)
-
-        if cuda or self.config.kernels.compile is not None:
-            one_batch()  # warm-up: allocator, cuDNN algorithm choice, compilation
-        start = time.perf_counter()
-        one_batch()
-        return time.perf_counter() - start
+        return StepTwoInputs(iso, step1_small, inputs, self.mode, distance_small)
 
     def _predictor(self, loaded: LoadedModel, tta: bool | None = None) -> Forward:
         """The network as a batch function (see :mod:`fmc.acceleration`), with optional test-time flips."""

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fmc.method import STEP1_MODES
+from fmc.method import STEP1_MODES, Step1Mode
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Step1Mode:
+class Step1ModeRule:
     """One of :data:`fmc.method.STEP1_MODES`, as the arithmetic it stands for."""
 
-    name: str = "output"
+    name: Step1Mode = "output"
 
     def __post_init__(self) -> None:
         if self.name not in STEP1_MODES:
@@ -76,4 +76,4 @@ class Step1Mode:
 
 
 #: The paper's form: a network's output is the prediction.
-OUTPUT = Step1Mode("output")
+OUTPUT = Step1ModeRule("output")

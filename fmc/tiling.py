@@ -23,7 +23,6 @@ import logging
 import math
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -39,11 +38,12 @@ log = logging.getLogger(__name__)
 
 Shape3 = tuple[int, int, int]
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+#: Picks the function that predicts the next batch, before its patches are gathered:
+#: ``(predictor, done, count, total)`` (patches before the batch, in it, in the whole pass) -> a
+#: predictor. Why a hook: a deadline (``fmc.safeguards.Deadline``) can give the last patches a
+#: cheap stand-in, and this loop knows nothing of time.
+BatchChooser = Callable[[Predictor, int, int, int], Predictor]
 LOG_EVERY_SECONDS = 30.0
-# With a deadline, at most this many network batches wait in the CUDA queue, so the clock
-# measures finished work (the GPU still always has the next batch queued).
-QUEUED_BATCHES = 2
-_clock = time.perf_counter  # the tests substitute a fake clock
 
 
 @dataclass
@@ -65,65 +65,6 @@ class TilingConfig:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         if not 0.0 < self.window_floor <= 1.0:
             raise ValueError(f"window_floor must be in (0, 1], got {self.window_floor}")
-
-
-@dataclass
-class Deadline:
-    """Stop running the network so that the patch loop ends by ``stop_at`` (a ``time.perf_counter()``
-    value); the patches left then take ``fallback(batch)``, a cheap stand-in prediction.
-
-    Why: the planner predicts step 2's time from one batch, and a machine can turn out slower
-    than that batch said. Patches that no longer fit get the stand-in (step 2: the step-1
-    output, i.e. no correction) instead of the case missing the platform's time limit.
-    """
-
-    stop_at: float
-    fallback: Predictor
-    # filled in by the patch loop, for the run report: how many patches took the stand-in, of how many
-    stand_ins: int = 0
-    patches: int = 0
-
-
-class _Stopwatch:
-    """Decides before each network batch whether it, the batches still queued on the GPU and the
-    stand-ins for the remaining patches still fit before the deadline."""
-
-    def __init__(self, deadline: Deadline, device: torch.device) -> None:
-        self.deadline, self.device = deadline, device
-        self.queued: deque[torch.cuda.Event] = deque()
-        self.started: float | None = None
-        self.batches = 0
-        self.fetch_seconds = 0.0
-        self.fetched = 0
-        self.stopped = False
-
-    def network_fits(self, patches_after: int) -> bool:
-        """Whether one more network batch fits, with ``patches_after`` patches still to follow it."""
-        if self.stopped:
-            return False
-        now = _clock()
-        if self.started is None:  # nothing measured yet: the first batch always runs
-            self.started = now
-            return True
-        per_batch = (now - self.started) / max(self.batches - len(self.queued), 1)
-        per_patch = self.fetch_seconds / max(self.fetched, 1)
-        finish = now + (len(self.queued) + 1) * per_batch + patches_after * per_patch
-        self.stopped = finish > self.deadline.stop_at
-        return not self.stopped
-
-    def ran_batch(self, patches: int, fetch_seconds: float) -> None:
-        """Count a network batch of ``patches`` that took ``fetch_seconds`` to gather (the cost of a
-        stand-in patch too); on CUDA, wait until at most QUEUED_BATCHES are still unfinished."""
-        self.batches += 1
-        self.fetched += patches
-        self.fetch_seconds += fetch_seconds
-        if self.device.type != "cuda":
-            return
-        event = torch.cuda.Event()
-        event.record()
-        self.queued.append(event)
-        while len(self.queued) > QUEUED_BATCHES:
-            self.queued.popleft().synchronize()
 
 
 class PatchSource(Protocol):
@@ -341,7 +282,7 @@ def sliding_window_inference(
     *,
     progress: bool = True,
     accumulate_on: torch.device | str | None = None,
-    deadline: Deadline | None = None,
+    choose: BatchChooser | None = None,
 ) -> torch.Tensor:
     """Run ``predictor`` on overlapping patches of a (C, Z, Y, X) volume and blend the outputs.
 
@@ -351,8 +292,7 @@ def sliding_window_inference(
     is then read whole first: it is small). Accumulation stays on the device; memory is the input
     plus one output volume plus a batch of patches. ``accumulate_on`` moves the output volume
     elsewhere (the host, when the GPU is out of memory); the result is then returned on that device.
-    ``deadline``: patches that would end the loop after ``deadline.stop_at`` take the fallback
-    prediction instead of ``predictor`` (logged with their count).
+    ``choose`` (see :data:`BatchChooser`) picks each batch's predictor; without it, ``predictor``.
     """
     if isinstance(volume, torch.Tensor):
         if volume.dim() != 4:
@@ -397,34 +337,16 @@ def sliding_window_inference(
         )
         out: torch.Tensor | None = None
         tracker = _Progress(len(indices), progress, device)
-        stopwatch = None if deadline is None else _Stopwatch(deadline, device)
-        stand_ins = 0
         full = config.batch if len(indices) > config.batch else len(indices)  # one forward shape
         try:
             for b0 in range(0, len(indices), config.batch):
                 chunk = indices[b0 : b0 + config.batch]
                 corners = [(starts[0][i], starts[1][j], starts[2][k]) for i, j, k in chunk]
-                run_network = stopwatch is None or stopwatch.network_fits(len(indices) - b0 - len(chunk))
-                fetch_start = _clock()
+                chosen = predictor if choose is None else choose(predictor, b0, len(chunk), len(indices))
                 batch = torch.stack([source.patch(corner, patch) for corner in corners])
-                fetch_seconds = _clock() - fetch_start  # on CUDA: queued, not finished, work
-                if run_network:
-                    pred = predictor(_pad_batch(batch, full))
-                    if pred.shape[0] == full > len(chunk):
-                        pred = pred[: len(chunk)]
-                    if stopwatch is not None:
-                        stopwatch.ran_batch(len(chunk), fetch_seconds)
-                else:
-                    assert deadline is not None
-                    if stand_ins == 0:
-                        log.warning(
-                            "time is up after %d of %d patches: the %d left take the fallback prediction",
-                            b0,
-                            len(indices),
-                            len(indices) - b0,
-                        )
-                    stand_ins += len(chunk)
-                    pred = deadline.fallback(batch)
+                pred = chosen(_pad_batch(batch, full))
+                if pred.shape[0] == full > len(chunk):
+                    pred = pred[: len(chunk)]
                 if pred.dim() != 5 or pred.shape[0] != len(chunk) or tuple(pred.shape[2:]) != patch:
                     raise ValueError(
                         f"predictor returned shape {tuple(pred.shape)} for a batch of {tuple(batch.shape)}"
@@ -444,8 +366,6 @@ def sliding_window_inference(
                 tracker.update(len(chunk))
         finally:
             tracker.close()
-            if deadline is not None:
-                deadline.stand_ins, deadline.patches = stand_ins, len(indices)
         assert out is not None
         sums = [_axis_weight_sums(spatial[a], patch[a], starts[a], profiles[a]) for a in range(3)]
         _normalize(out, sums, floor)

@@ -1,23 +1,29 @@
-"""fmc.safeguards: the time planner and its reserve, the out-of-memory ladder, the kernel/device attempts."""
+"""fmc.safeguards: the time planner and its reserve, the deadline, the out-of-memory ladder, the kernel/device
+attempts."""
 
+import logging
 import math
+import time
 
 import pytest
 import torch
 
+from fmc import safeguards
 from fmc.acceleration import KernelOptions
 from fmc.safeguards import (
     PREDICTION_MARGIN,
     SAFE_KERNELS,
     Attempt,
+    Deadline,
     candidate_settings,
     count_patches,
     fallback_attempts,
     out_of_memory_fallbacks,
     plan_step_two,
     post_step2_reserve_seconds,
+    tile_with_memory_retries,
 )
-from fmc.tiling import TilingConfig, patch_starts
+from fmc.tiling import TensorSource, TilingConfig, patch_starts, sliding_window_inference
 
 SHAPE = (160, 150, 170)
 PATCH = (32, 32, 32)
@@ -122,3 +128,104 @@ def test_fallbacks_go_from_the_requested_kernels_to_fp32_eager_then_to_the_cpu()
         Attempt(SAFE_KERNELS, cpu),
     ]
     assert fallback_attempts(SAFE_KERNELS, cpu) == [Attempt(SAFE_KERNELS, cpu)]
+
+
+# ---------------------------------------------------------------- the deadline inside step 2
+
+TILE = (16, 16, 16)
+
+
+def random_volume(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class FakeClock:
+    """Stands in for ``time.perf_counter`` in the deadline's stopwatch; ``advance`` moves it."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_patches_that_would_end_past_the_deadline_take_the_fallback(monkeypatch, caplog):
+    clock = FakeClock()
+    monkeypatch.setattr(safeguards, "_clock", clock)
+    calls = []
+
+    def slow_sevens(batch: torch.Tensor) -> torch.Tensor:  # every network batch "takes" 1 s
+        calls.append(batch.shape[0])
+        clock.advance(1.0)
+        return torch.full_like(batch, 7.0)
+
+    volume = random_volume((1, 16, 16, 64))  # 7 patches along x at overlap 0.5, 4 batches of 2
+    deadline = Deadline(stop_at=clock.now + 3.5, fallback=lambda b: torch.full_like(b, 3.0))
+    config = TilingConfig(patch=TILE, overlap=0.5, batch=2)
+    with caplog.at_level(logging.WARNING):
+        out = tile_with_memory_retries(TensorSource(volume), slow_sevens, config, deadline)
+    # batches end at 101, 102, 103; a 4th would end at 104 > 103.5, so its patches take the fallback
+    assert calls == [2, 2, 2]
+    assert clock.now <= deadline.stop_at
+    assert "time is up after 6 of 7 patches: the 1 left take the fallback" in caplog.text
+    assert (deadline.stand_ins, deadline.patches) == (1, 7)
+    starts = patch_starts(64, 16, 0.5)
+    network_only, fallback_only = slice(0, starts[-2]), slice(starts[-1] + 8, 64)  # past the 6th's reach
+    assert torch.allclose(out[..., network_only], torch.tensor(7.0))
+    assert torch.allclose(out[..., fallback_only], torch.tensor(3.0))
+    assert out.min() >= 3.0 - 1e-5 and out.max() <= 7.0 + 1e-5
+
+
+def test_the_cost_of_the_fallback_patches_is_reserved_too(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(safeguards, "_clock", clock)
+    calls = []
+
+    class SlowSource(TensorSource):  # gathering a patch "takes" 0.5 s, for a stand-in too
+        def patch(self, start, size):
+            clock.advance(0.5)
+            return super().patch(start, size)
+
+    def network(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        clock.advance(1.0)
+        return batch
+
+    deadline = Deadline(stop_at=clock.now + 5.0, fallback=lambda b: b)
+    volume = random_volume((1, 16, 16, 64))
+    out = tile_with_memory_retries(
+        SlowSource(volume), network, TilingConfig(patch=TILE, overlap=0.5, batch=2), deadline
+    )
+    # A batch costs 2 s (gathering included), a stand-in 0.5 s. At 102, a second batch would end
+    # at 104 and its 3 stand-ins at 105.5 > 105: so the 5 patches left are stand-ins, ending at 104.5.
+    # Counting the network alone would run it and end at 105.5, past the deadline.
+    assert calls == [2]
+    assert clock.now == pytest.approx(104.5)
+    torch.testing.assert_close(out, volume, atol=1e-5, rtol=0)  # the identity fallback: same result
+
+
+def test_a_deadline_far_away_changes_nothing():
+    volume = random_volume((1, 37, 50, 29))
+    config = TilingConfig(patch=TILE, overlap=0.5, batch=2)
+
+    def network(batch: torch.Tensor) -> torch.Tensor:
+        return batch * 2 + 1
+
+    without = sliding_window_inference(volume, network, config)
+    far = Deadline(stop_at=time.perf_counter() + 3600, fallback=lambda b: torch.zeros_like(b))
+    assert torch.equal(tile_with_memory_retries(TensorSource(volume), network, config, far), without)
+    assert (far.stand_ins, far.patches) == (0, count_patches(volume.shape[1:], TILE, 0.5))
+
+
+@pytest.mark.cuda  # the CUDA queue is bounded by events; skipped without CUDA (conftest)
+def test_a_deadline_far_away_changes_nothing_on_cuda():
+    volume = random_volume((2, 37, 50, 29)).cuda()
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(2, 1, 3, padding=1).cuda()
+    config = TilingConfig(patch=TILE, overlap=0.5)
+    without = sliding_window_inference(volume, conv, config)
+    far = Deadline(stop_at=time.perf_counter() + 3600, fallback=lambda b: torch.zeros_like(b[:, :1]))
+    assert torch.equal(tile_with_memory_retries(TensorSource(volume), conv, config, far), without)

@@ -1,11 +1,11 @@
-"""Step1Mode: the one place where a network's output becomes the change, and the change the prediction."""
+"""Step1ModeRule: the one place where a network's output becomes the change, and the change the prediction."""
 
 import pytest
 import torch
 
-from fmc.step1_mode import OUTPUT, Step1Mode
+from fmc.step1_mode import OUTPUT, Step1ModeRule
 
-CORRECTION = Step1Mode("correction")
+CORRECTION = Step1ModeRule("correction")
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -14,7 +14,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
 
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="step1_mode"):
-        Step1Mode("residual")
+        Step1ModeRule("residual")
 
 
 def test_output_mode_hands_on_the_output_itself():

@@ -2,14 +2,11 @@
 
 import itertools
 import logging
-import time
 
 import pytest
 import torch
 
-from fmc import tiling
 from fmc.tiling import (
-    Deadline,
     TensorSource,
     TilingConfig,
     hann_window,
@@ -206,11 +203,6 @@ def test_cuda_matches_cpu():
     gpu = sliding_window_inference(volume.cuda(), conv.cuda(), TilingConfig(patch=PATCH, overlap=0.5))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
-    # with a deadline the CUDA queue is bounded by events; far away, it changes nothing
-    far = Deadline(stop_at=time.perf_counter() + 3600, fallback=lambda b: torch.zeros_like(b[:, :1]))
-    config = TilingConfig(patch=PATCH, overlap=0.5)
-    timed = sliding_window_inference(volume.cuda(), conv, config, deadline=far)
-    assert torch.equal(timed, gpu)
 
 
 class CountingSource(TensorSource):
@@ -241,80 +233,17 @@ def test_a_patch_source_gives_the_same_result_as_the_tensor(shape):
         assert source.requests == [((0, 0, 0), tuple(shape[1:]))]  # small: read whole, then padded
 
 
-class FakeClock:
-    """Stands in for ``time.perf_counter`` in fmc.tiling; ``advance`` moves it."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def test_patches_that_would_end_past_the_deadline_take_the_fallback(monkeypatch, caplog):
-    clock = FakeClock()
-    monkeypatch.setattr(tiling, "_clock", clock)
-    calls = []
-
-    def slow_sevens(batch: torch.Tensor) -> torch.Tensor:  # every network batch "takes" 1 s
-        calls.append(batch.shape[0])
-        clock.advance(1.0)
-        return torch.full_like(batch, 7.0)
-
+def test_a_chooser_picks_each_batchs_predictor_before_its_patches_are_gathered():
     volume = random_volume((1, 16, 16, 64))  # 7 patches along x at overlap 0.5, 4 batches of 2
-    deadline = Deadline(stop_at=clock.now + 3.5, fallback=lambda b: torch.full_like(b, 3.0))
+    asked = []
+
+    def choose(predictor, done, count, total):
+        asked.append((done, count, total))
+        return predictor if done < 6 else (lambda batch: torch.full_like(batch, 3.0))
+
     config = TilingConfig(patch=PATCH, overlap=0.5, batch=2)
-    with caplog.at_level(logging.WARNING):
-        out = sliding_window_inference(volume, slow_sevens, config, deadline=deadline)
-    # batches end at 101, 102, 103; a 4th would end at 104 > 103.5, so its patches take the fallback
-    assert calls == [2, 2, 2]
-    assert clock.now <= deadline.stop_at
-    assert "time is up after 6 of 7 patches: the 1 left take the fallback" in caplog.text
+    out = sliding_window_inference(volume, identity, config, choose=choose)
+    assert asked == [(0, 2, 7), (2, 2, 7), (4, 2, 7), (6, 1, 7)]
     starts = patch_starts(64, 16, 0.5)
-    network_only, fallback_only = slice(0, starts[-2]), slice(starts[-1] + 8, 64)  # past the 6th's reach
-    assert torch.allclose(out[..., network_only], torch.tensor(7.0))
-    assert torch.allclose(out[..., fallback_only], torch.tensor(3.0))
-    assert out.min() >= 3.0 - 1e-5 and out.max() <= 7.0 + 1e-5
-
-
-def test_the_cost_of_the_fallback_patches_is_reserved_too(monkeypatch):
-    clock = FakeClock()
-    monkeypatch.setattr(tiling, "_clock", clock)
-    calls = []
-
-    class SlowSource(TensorSource):  # gathering a patch "takes" 0.5 s, for a stand-in too
-        def patch(self, start, size):
-            clock.advance(0.5)
-            return super().patch(start, size)
-
-    def network(batch: torch.Tensor) -> torch.Tensor:
-        calls.append(batch.shape[0])
-        clock.advance(1.0)
-        return batch
-
-    deadline = Deadline(stop_at=clock.now + 5.0, fallback=lambda b: b)
-    volume = random_volume((1, 16, 16, 64))
-    out = sliding_window_inference(
-        SlowSource(volume), network, TilingConfig(patch=PATCH, overlap=0.5, batch=2), deadline=deadline
-    )
-    # A batch costs 2 s (gathering included), a stand-in 0.5 s. At 102, a second batch would end
-    # at 104 and its 3 stand-ins at 105.5 > 105: so the 5 patches left are stand-ins, ending at 104.5.
-    # Counting the network alone would run it and end at 105.5, past the deadline.
-    assert calls == [2]
-    assert clock.now == pytest.approx(104.5)
-    torch.testing.assert_close(out, volume, atol=1e-5, rtol=0)  # the identity fallback: same result
-
-
-def test_a_deadline_far_away_changes_nothing():
-    volume = random_volume((1, 37, 50, 29))
-    config = TilingConfig(patch=PATCH, overlap=0.5, batch=2)
-
-    def network(batch: torch.Tensor) -> torch.Tensor:
-        return batch * 2 + 1
-
-    without = sliding_window_inference(volume, network, config)
-    far = Deadline(stop_at=time.perf_counter() + 3600, fallback=lambda b: torch.zeros_like(b))
-    assert torch.equal(sliding_window_inference(volume, network, config, deadline=far), without)
+    torch.testing.assert_close(out[..., : starts[-2]], volume[..., : starts[-2]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[..., starts[-1] + 8 :], torch.full_like(out[..., starts[-1] + 8 :], 3.0))

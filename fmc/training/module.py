@@ -27,7 +27,7 @@ from fmc.metrics import n_ssim
 from fmc.network import Discriminator3D, RUNet, RUNetConfig, preset
 from fmc.normalization import CARD_NORMALIZATION
 from fmc.pipeline import FusionPipeline, PipelineConfig
-from fmc.step1_mode import Step1Mode
+from fmc.step1_mode import Step1ModeRule
 from fmc.training.cache import CachedCase
 from fmc.training.config import FitConfig, MethodConfig
 from fmc.training.losses import (
@@ -57,7 +57,7 @@ def network_config(method: MethodConfig, stage: int) -> RUNetConfig:
             return replace(preset(method.preset, in_channels=inputs), residual_channel=0, zero_head=True)
         return replace(preset(method.preset, in_channels=inputs), residual_channel=1)
     inputs = len(method.step2_inputs()) if stage == 2 else 1
-    zero_head = Step1Mode(method.step1_mode).zero_head
+    zero_head = Step1ModeRule(method.step1_mode).zero_head
     return replace(preset(method.preset, in_channels=inputs), zero_head=zero_head)
 
 
@@ -162,7 +162,7 @@ class FusionModule(L.LightningModule):
         assert self.step1_net is not None
         out1 = self.step1_net(x_glob).float()
         loss1, parts1 = reconstruction_loss(out1, y_glob, self.loss_weights)
-        mode = Step1Mode(self.cfg.method.step1_mode)  # the pipeline's arithmetic (fmc.step1_mode)
+        mode = Step1ModeRule(self.cfg.method.step1_mode)  # the pipeline's arithmetic (fmc.step1_mode)
         change = mode.change(out1, x_glob.float())
         guide = F.grid_sample(change, grid, mode="bilinear", padding_mode="border", align_corners=False)
         guide = mode.apply(guide, x_patch.float())
