@@ -9,6 +9,11 @@ to the last bit).
 Every step can be switched off (paper ablations, time planner). Heavy arrays stay on
 ``device`` from the first transfer to the final uint16 copy. Which DW form runs, and how
 step 1 reaches the output, are the model card's settings (:mod:`fmc.method`); flags override.
+
+The mechanics live where they belong: a network's output as a change (:mod:`fmc.step1_mode`),
+the patch loop (:mod:`fmc.tiling`), step 2's planner, out-of-memory ladder and deadline
+(:func:`fmc.safeguards.run_step_two`), the change gate (:mod:`fmc.change_gate`) and the native
+detail (:mod:`fmc.native_detail`).
 """
 
 from __future__ import annotations
@@ -204,6 +209,26 @@ class StepTwoInputs:
         return change
 
 
+class StageClock:
+    """Seconds per stage and the memory high-water mark after each, for one run (a :data:`StageTimer`)."""
+
+    def __init__(self) -> None:
+        self.high_water_gib: dict[str, float] = {}  # per stage (GiB, see fmc.memory)
+
+    @contextmanager
+    def __call__(self, timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+        """Record wall seconds of a stage into ``timings`` (synchronizing CUDA so the figure is the
+        stage's own) and the memory high-water mark after it."""
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings[name] = round(time.perf_counter() - start, 3)
+        peak = high_water_gib(device)
+        if peak is not None:
+            self.high_water_gib[name] = round(peak, 3)
+
+
 class FusionPipeline:
     """Predict the fused volume from one view with a step-1 and/or step-2 RUNet."""
 
@@ -215,7 +240,7 @@ class FusionPipeline:
         self.settings, self.settings_sources = resolve_settings(models, config)
         self.mode = Step1ModeRule(self.settings.step1_mode)  # how step 1 and 2 reach the output
         log.info("method settings: %s", self.settings.describe(self.settings_sources))
-        self.memory_high_water_gib: dict[str, float] = {}  # per stage of the last run()
+        self._timed = StageClock()  # seconds and memory per stage of the last run()
         self.step2_record = StepTwoRecord()  # what step 2's safeguards decided in the last run()
         self.native_detail = UNTOUCHED  # how the last run() took the native input
         self.gate = GateDecision(None, 1.0)  # the safeguard's choice in the last run()
@@ -231,23 +256,15 @@ class FusionPipeline:
             if loaded is not None
         }
 
-    @contextmanager
-    def _timed(self, timings: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
-        """Record wall seconds of a stage (synchronizing CUDA so the figure is the stage's own) and
-        the memory high-water mark after it (GiB, see :mod:`fmc.memory`)."""
-        start = time.perf_counter()
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings[name] = round(time.perf_counter() - start, 3)
-        peak = high_water_gib(device)
-        if peak is not None:
-            self.memory_high_water_gib[name] = round(peak, 3)
-
     @property
     def global_size(self) -> int:
         """Step-1 cube edge: the configured one, else the size the step-1 model was trained at."""
         return self.settings.global_size
+
+    @property
+    def memory_high_water_gib(self) -> dict[str, float]:
+        """The memory high-water mark after each stage of the last run() (GiB)."""
+        return self._timed.high_water_gib
 
     @property
     def step2_decisions(self) -> list[str]:
@@ -301,22 +318,20 @@ class FusionPipeline:
         and return; it may be ``volume`` itself, which is not read after its copy to the
         device, so the host holds one volume-sized array instead of two (2.1 GiB for study 5).
         """
-        if out is not None and not _fits_as_output(out, volume.shape):
-            raise ValueError(
-                f"out must be a writeable uint16 array of shape {volume.shape}, "
-                f"got {out.dtype} {out.shape} (writeable: {out.flags.writeable})"
-            )
+        check_output_array(out, volume.shape)
         timings: dict[str, float] = {}
-        dev = self.device
-        self.memory_high_water_gib = {}
-        self.step2_record = StepTwoRecord()
+        self._timed, self.step2_record = StageClock(), StepTwoRecord()
         with torch.inference_mode():
-            iso, bounds = to_isotropic(volume, spacing, dev, self.config.target_spacing, self._timed, timings)
-            reserve = post_step2_reserve_seconds(
-                timings["resample_in"], volume.nbytes, self.settings.difference_weighting != "none"
+            # normalize, resample to 0.6 um
+            iso, bounds = to_isotropic(
+                volume, spacing, self.device, self.config.target_spacing, self._timed, timings
             )
+            # step 1, step 2, difference weighting (the time still needed after step 2 kept in reserve)
+            dw = self.settings.difference_weighting != "none"
+            reserve = post_step2_reserve_seconds(timings["resample_in"], volume.nbytes, dw)
             prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
-            with self._timed(timings, "resample_out", dev):
+            # the change gate, then the change added back onto the native input, uint16
+            with self._timed(timings, "resample_out", self.device):
                 self.gate = decide(self.settings, iso, prediction)
                 detail = self._plan_native_detail(volume, iso, bounds, spacing, self.settings)
                 result = add_change_on_native_grid(
@@ -430,14 +445,9 @@ class FusionPipeline:
             with self._timed(timings, "step2", dev):
                 budget = None if deadline is None else Budget(deadline, reserve_seconds)
                 prediction = self._patch_step(iso, step1_small, budget)
-                if isinstance(prediction, torch.Tensor):
-                    take_input_where_non_finite_(prediction, iso)
         if not isinstance(prediction, torch.Tensor):  # step 2 off or skipped: step 1 at full resolution
             with self._timed(timings, "step1_upsample", dev):
-                prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
-                if step1_small is not None:
-                    self.mode.apply_(prediction, iso)
-                take_input_where_non_finite_(prediction, iso)
+                prediction = self._step_one_on_the_grid(iso, step1_small)
         del step1_small
         return prediction
 
@@ -453,6 +463,15 @@ class FusionPipeline:
         small = resample_to_shape(iso, size)
         out = self._predictor(self.step1_model)(small[None, None])[0, 0].float()
         return self.mode.change(out, small)
+
+    def _step_one_on_the_grid(self, iso: torch.Tensor, step1_small: torch.Tensor | None) -> torch.Tensor:
+        """Step 1's prediction at 0.6 um, whole: the prediction when step 2 gives none (without step 1,
+        the input stands in, as in the paper's ablation)."""
+        prediction = resample_to_shape(iso if step1_small is None else step1_small, iso.shape)
+        if step1_small is not None:
+            self.mode.apply_(prediction, iso)
+        take_input_where_non_finite_(prediction, iso)
+        return prediction
 
     def _patch_step(
         self, iso: torch.Tensor, step1_small: torch.Tensor | None, budget: Budget | None
@@ -471,7 +490,11 @@ class FusionPipeline:
             warm_up=self.config.kernels.compile is not None,
         )
         out = run_step_two(patches, self.config.tiling, self.config.tta, budget, self.step2_record)
-        return StepTwo.SKIPPED if out is None else source.add_residual_(out, channel)
+        if out is None:
+            return StepTwo.SKIPPED
+        prediction = source.add_residual_(out, channel)
+        take_input_where_non_finite_(prediction, iso)
+        return prediction
 
     def _step_two_inputs(self, iso: torch.Tensor, step1_small: torch.Tensor | None) -> StepTwoInputs:
         """The channels the step-2 model takes (its card), served patch by patch."""
@@ -484,18 +507,21 @@ class FusionPipeline:
 
     def _predictor(self, loaded: LoadedModel, tta: bool | None = None) -> Forward:
         """The network as a batch function (see :mod:`fmc.acceleration`), with optional test-time flips."""
-        tta = self.config.tta if tta is None else tta
         forward = self._forwards[id(loaded)]
-        if not tta:
-            return forward
+        return with_flips(forward) if (self.config.tta if tta is None else tta) else forward
 
-        def flipped(batch: torch.Tensor) -> torch.Tensor:
-            total = forward(batch)
-            for dims in ((2,), (3,), (4,)):
-                total = total + forward(batch.flip(dims)).flip(dims)
-            return total / 4
 
-        return flipped
+def with_flips(forward: Forward) -> Forward:
+    """Test-time flips: the mean of ``forward`` on the batch and on its flips along z, y and x
+    (:data:`fmc.safeguards.TTA_FLIPS` passes), each flipped back."""
+
+    def flipped(batch: torch.Tensor) -> torch.Tensor:
+        total = forward(batch)
+        for dims in ((2,), (3,), (4,)):
+            total = total + forward(batch.flip(dims)).flip(dims)
+        return total / 4
+
+    return flipped
 
 
 def weigh_differences(iso: torch.Tensor, prediction: torch.Tensor, settings: MethodSettings) -> torch.Tensor:
@@ -591,5 +617,11 @@ def round_trip_uint16(iso: torch.Tensor, shape: tuple[int, ...], bounds: tuple[f
     return result
 
 
-def _fits_as_output(array: np.ndarray, shape: tuple[int, ...]) -> bool:
-    return array.shape == shape and array.dtype == np.uint16 and array.flags.writeable
+def check_output_array(out: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    """Refuse an ``out`` the prediction cannot be written into: it must be writeable uint16 of ``shape``."""
+    if out is None or (out.shape == shape and out.dtype == np.uint16 and out.flags.writeable):
+        return
+    raise ValueError(
+        f"out must be a writeable uint16 array of shape {shape}, "
+        f"got {out.dtype} {out.shape} (writeable: {out.flags.writeable})"
+    )

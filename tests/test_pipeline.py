@@ -11,7 +11,7 @@ from torch import nn
 
 from fmc.acceleration import KernelOptions
 from fmc.network import RUNet, preset
-from fmc.pipeline import FusionPipeline, PipelineConfig, StepTwoInputs
+from fmc.pipeline import FusionPipeline, PipelineConfig, StepTwoInputs, with_flips
 from fmc.resample import resample_to_shape
 from fmc.tiling import TilingConfig
 from fmc.weights import LoadedModel, ModelCard, ModelSet
@@ -344,3 +344,12 @@ def test_the_input_on_the_device_is_freed_before_the_networks_run(monkeypatch):
     pipe = FusionPipeline(models, PipelineConfig(global_size=32, tiling=SMALL_TILING))
     pipe.run(_volume(), (1.0, 0.4, 0.4))
     assert alive_during_networks == [False]
+
+
+def test_test_time_flips_average_the_flipped_predictions_back_in_place():
+    batch = torch.rand((2, 1, 5, 6, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(with_flips(lambda b: b * 2.0)(batch), batch * 2.0)  # flip-equivariant: unchanged
+    ramp = torch.arange(7.0).expand(2, 1, 5, 6, 7)
+    # a 'network' that ignores its input and returns a ramp along x: flipped back, x's flip mirrors it
+    expected = (3 * ramp + ramp.flip(4)) / 4
+    torch.testing.assert_close(with_flips(lambda b: ramp.clone())(batch), expected)

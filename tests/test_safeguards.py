@@ -229,3 +229,58 @@ def test_a_deadline_far_away_changes_nothing_on_cuda():
     without = sliding_window_inference(volume, conv, config)
     far = Deadline(stop_at=time.perf_counter() + 3600, fallback=lambda b: torch.zeros_like(b[:, :1]))
     assert torch.equal(tile_with_memory_retries(TensorSource(volume), conv, config, far), without)
+
+
+# ---------------------------------------------------------------- step 2's runner
+
+
+def _patches(volume: torch.Tensor, calls: list[int], warm_up: bool = False) -> safeguards.StepTwoPatches:
+    """Step 2 on ``volume`` with a network that adds 1 (with flips: the same), a stand-in of -1."""
+
+    def network(tta: bool):
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            calls.append(batch.shape[0])
+            return batch[:, :1] + 1.0
+
+        return forward
+
+    return safeguards.StepTwoPatches(
+        TensorSource(volume),
+        network=network,
+        blended=lambda forward: forward,
+        stand_in=lambda batch: torch.full_like(batch[:, :1], -1.0),
+        warm_up=warm_up,
+    )
+
+
+def test_without_a_budget_step_two_runs_as_configured_and_records_no_plan():
+    volume, calls = random_volume((1, 20, 20, 20)), []
+    record = safeguards.StepTwoRecord()
+    config = TilingConfig(patch=TILE, overlap=0.5, batch=2)
+    out = safeguards.run_step_two(_patches(volume, calls), config, False, None, record)
+    torch.testing.assert_close(out, volume[0] + 1.0, atol=1e-5, rtol=0)
+    assert (record.plan, record.stand_ins, record.decisions) == (None, None, [])
+    assert len(calls) == math.ceil(count_patches(volume.shape[1:], TILE, 0.5) / 2)  # no timed batch
+
+
+def test_with_time_the_planner_times_one_batch_and_the_deadline_counts_no_stand_ins():
+    volume, calls = random_volume((1, 20, 20, 20)), []
+    record = safeguards.StepTwoRecord()
+    budget = safeguards.Budget(time.perf_counter() + 3600, reserve_seconds=10.0)
+    config = TilingConfig(patch=TILE, overlap=0.5, batch=2)
+    out = safeguards.run_step_two(_patches(volume, calls, warm_up=True), config, False, budget, record)
+    torch.testing.assert_close(out, volume[0] + 1.0, atol=1e-5, rtol=0)
+    assert record.plan is not None and record.plan.run and record.plan.overlap == 0.5
+    assert record.stand_ins == 0 and len(record.decisions) == 1 and "fits" in record.decisions[0]
+    assert calls[:2] == [2, 2]  # the warm-up and the timed batch, then the loop
+    assert len(calls) == 2 + math.ceil(count_patches(volume.shape[1:], TILE, 0.5) / 2)
+
+
+def test_no_time_left_skips_step_two_and_says_so():
+    volume, calls = random_volume((1, 20, 20, 20)), []
+    record = safeguards.StepTwoRecord()
+    budget = safeguards.Budget(time.perf_counter(), reserve_seconds=10.0)
+    out = safeguards.run_step_two(_patches(volume, calls), TilingConfig(patch=TILE), False, budget, record)
+    assert out is None and record.plan is not None and not record.plan.run
+    assert "step 1 only" in record.decisions[0] and record.stand_ins is None
+    assert calls == [2]  # only the timed batch
