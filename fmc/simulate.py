@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -534,7 +535,17 @@ def simulate_pair(params: SimulationParams, seed: int) -> tuple[np.ndarray, np.n
     The same ``params`` and ``seed`` always give the same bytes.
     """
     rng = np.random.default_rng(seed)
-    spec = render_specimen(params, rng)
+    return degrade_specimen(params, render_specimen(params, rng), rng)
+
+
+def degrade_specimen(
+    params: SimulationParams, spec: Specimen, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fused target and the single view of ``spec``, by this family's physics: two uint16 volumes.
+
+    Apart from :func:`simulate_pair` so that a specimen from elsewhere (a real volume,
+    :mod:`fmc.real_structures`) goes through the same degradation.
+    """
     spacing = np.asarray(params.spacing)
     render, mask = spec.render, spec.mask
 
@@ -817,6 +828,21 @@ def write_dataset(
     fused file uses the next style, as real pairs sometimes differ). Parameters go to
     ``image_{i}_{channel}_params.json``. Returns every path written.
     """
+    pair = lambda i: random_pair(seed, i, channel, shape, regime)  # noqa: E731
+    return write_pairs(out, n, channel, pair, regime, first_id)
+
+
+def write_pairs(
+    out: Path,
+    n: int,
+    channel: str,
+    make_pair: Callable[[int], tuple[np.ndarray, np.ndarray, SimulationParams]],
+    regime: str,
+    first_id: int = 0,
+    extra: dict | None = None,
+) -> list[Path]:
+    """Write pairs ``make_pair(0 .. n-1)`` in :func:`write_dataset`'s layout; ``extra`` joins each
+    params JSON (for example where a real truth came from)."""
     from fmc.simulated_tiff import METADATA_STYLES, write_volume
 
     out = Path(out)
@@ -824,7 +850,7 @@ def write_dataset(
     written: list[Path] = []
     for i in range(n):
         start = time.perf_counter()
-        angle, fused, params = random_pair(seed, i, channel, shape, regime)
+        angle, fused, params = make_pair(i)
         stem = f"image_{first_id + i}_{channel}"
         spelling = KEY_SPELLINGS[i % len(KEY_SPELLINGS)]
         for kind, volume, style in (
@@ -845,7 +871,7 @@ def write_dataset(
         png = out / f"{stem}_mip.png"
         save_mip_png(png, angle, fused, params.spacing)
         meta = out / f"{stem}_params.json"
-        meta.write_text(json.dumps({"regime": regime, **params.to_dict()}, indent=1))
+        meta.write_text(json.dumps({"regime": regime, **(extra or {}), **params.to_dict()}, indent=1))
         written += [png, meta]
         log.info(
             "pair %d/%d %s: spacing %s, study %s, %.2f s",
