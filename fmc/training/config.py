@@ -175,19 +175,6 @@ class MethodConfig:
     )
     difference_weighting: DifferenceWeightingConfig = field(default_factory=DifferenceWeightingConfig)
 
-    # The flat names fmc.training.module reads (until it reads ``difference_weighting``): read-only views.
-    @property
-    def dw(self) -> bool:
-        return self.difference_weighting.enabled
-
-    @property
-    def dw_form(self) -> TrainableDWForm:
-        return self.difference_weighting.form
-
-    @property
-    def dw_train_max_filter(self) -> int:
-        return self.difference_weighting.train_max_filter
-
     @property
     def joint(self) -> bool:
         """Both networks trained together: step 2's loss flows back into step 1 (one stage, "2")."""

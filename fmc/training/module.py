@@ -112,9 +112,10 @@ class FusionModule(L.LightningModule):
             self.discriminator = Discriminator3D(
                 in_channels=d_in, base=self.cfg.loss.disc_base, levels=self.cfg.loss.disc_levels
             )
-        self.apply_dw = self.cfg.method.dw and stage == self.cfg.method.final_stage()
+        dw = self.cfg.method.difference_weighting
+        self.apply_dw = dw.enabled and stage == self.cfg.method.final_stage()
         # only the paper's form is differentiable; the released form is applied at inference only
-        self.dw_in_loss = self.apply_dw and self.cfg.method.dw_form == "paper"
+        self.dw_in_loss = self.apply_dw and dw.form == "paper"
         self.loss_weights = LossWeights(
             alpha=self.cfg.loss.alpha,
             ssim=self.cfg.loss.w_ssim,
@@ -148,7 +149,8 @@ class FusionModule(L.LightningModule):
         """Generator output after DW when this stage's output is the model's final one."""
         out = self.generator(x).float()
         if self.dw_in_loss:
-            out = apply_difference_weighting(x[:, :1].float(), out, self.cfg.method.dw_train_max_filter)
+            max_filter = self.cfg.method.difference_weighting.train_max_filter
+            out = apply_difference_weighting(x[:, :1].float(), out, max_filter)
         return out
 
     def _disc_input(self, inp: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:

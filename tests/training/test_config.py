@@ -35,7 +35,8 @@ def test_ablation_presets(name: str) -> None:
 
 def test_explicit_flags_override_the_preset() -> None:
     config = resolve_config({"beta": 0.5, "dw": False, "patch": 32}, "adversarial-dw")
-    assert (config.loss.beta, config.method.dw, config.method.patch) == (0.5, False, 32)
+    method = config.method
+    assert (config.loss.beta, method.difference_weighting.enabled, method.patch) == (0.5, False, 32)
     assert config.method.step1_enabled and config.method.step2_enabled
 
 
@@ -158,9 +159,8 @@ def test_difference_weighting_is_one_object_under_its_flat_flags() -> None:
     settings = config.method.inference_settings()
     assert (settings.difference_weighting, settings.max_filter) == ("released", 5)
     assert resolve_config({}, "two-step").method.inference_settings().difference_weighting == "none"
-    # the flat names fmc.training.module reads are views of the object
-    method = config.method
-    assert (method.dw, method.dw_form, method.dw_train_max_filter) == (True, "released", 3)
+    # the old flat names are stored keys only, not attributes
+    assert not hasattr(config.method, "dw") and not hasattr(config.method, "dw_form")
 
 
 def test_the_split_has_its_own_seed_which_defaults_to_the_run_seed(capsys) -> None:

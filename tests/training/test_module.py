@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fmc.step1_mode import Step1ModeRule
 from fmc.training.config import FitConfig, MethodConfig
-from fmc.training.module import FusionModule, network_config
+from fmc.training.module import FusionModule, apply_difference_weighting, network_config
 
 
 @pytest.mark.parametrize("mode", ["output", "correction"])
@@ -36,3 +36,26 @@ def test_joint_training_guides_step_two_with_the_pipelines_step_one_channel(mode
         expected = step1.apply(sampled, x_patch)
     assert torch.equal(x[:, :1], x_patch) and torch.equal(y, y_patch)
     assert torch.equal(x[:, 1:], expected)
+
+
+@pytest.mark.parametrize(
+    ("form", "stage", "in_loss"), [("paper", 2, True), ("released", 2, False), ("paper", 1, False)]
+)
+def test_forward_weights_the_final_stage_by_difference_with_the_training_max_filter(form, stage, in_loss):
+    config = {
+        **FitConfig().to_dict(),
+        "preset": "tiny",
+        "dw": True,
+        "dw_form": form,
+        "dw_train_max_filter": 3,
+    }
+    torch.manual_seed(0)
+    step1 = network_config(MethodConfig(preset="tiny"), 1).to_dict()
+    module = FusionModule(config, stage, step1 if stage == 2 else None)
+    assert module.apply_dw == (stage == 2) and module.dw_in_loss == in_loss
+    channels = module.generator.config.in_channels
+    x = torch.rand((1, channels, 8, 8, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        raw = module.generator(x).float()
+        weighted = apply_difference_weighting(x[:, :1], raw, 3)
+        assert torch.equal(module(x), weighted if in_loss else raw)
