@@ -24,12 +24,12 @@ from benchmarks.common import (
     GIB,
     PreparedCase,
     add_case_arguments,
+    child_report,
     print_json,
     python,
     run_benchmark,
     run_child,
     setup_logging,
-    tail,
 )
 
 PROG = "python -m benchmarks.bench_inference"
@@ -95,29 +95,17 @@ def run_fmc(prepared: PreparedCase, device: str, extra_args: list[str], timeout:
     output = prepared.output_dir / prepared.case_path.name
     child = run_child(command, output=output, timeout=timeout, label="fmc inference.py")
     figures = report_figures(read_report(report_file))
-    report = {
+    head = {
         "benchmark": "fmc inference.py",
         "settings": {"extra_args": extra_args, "command": shlex.join(command)},
         "device": {"requested": device, "used": figures["device_used"]},
-        "ok": child.returncode == 0 and child.seconds_to_output is not None,
-        "timed_out": child.timed_out,
-        "total_seconds": child.seconds_to_output,
-        "process_seconds": child.seconds_to_exit,
-        "case_seconds": figures["case_seconds"],
-        "steps": figures["steps"],
-        "planner": figures["planner"],
-        "peak_rss_gib": child.peak_rss_gib,
-        "memory_high_water_gib": figures["memory_high_water_gib"],
-        "peak_gpu_allocated_gib": figures["peak_gpu_allocated_gib"],
-        "peak_gpu_reserved_gib": figures["peak_gpu_reserved_gib"],
-        "peak_gpu_driver_gib": child.peak_gpu_driver_gib,
-        "gpu_driver_baseline_gib": child.gpu_driver_baseline_gib,
-        "output": str(output) if output.exists() else None,
-        "returncode": child.returncode,
     }
-    if not report["ok"]:
-        report["log_tail"] = tail(child.stderr)
-    return report
+    timing = {key: figures[key] for key in ("case_seconds", "steps", "planner")}
+    memory = {
+        key: figures[key]
+        for key in ("memory_high_water_gib", "peak_gpu_allocated_gib", "peak_gpu_reserved_gib")
+    }
+    return child_report(child, output, head, timing, memory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,15 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def bench(prepared: PreparedCase, host: dict) -> int:
         result = run_fmc(prepared, args.device, shlex.split(args.extra_args), args.timeout)
-        print_json(
-            {
-                **prepared.describe(),
-                "host": host,
-                "case_prepared_seconds": prepared.seconds_to_prepare,
-                "case_reused": prepared.reused,
-                **result,
-            }
-        )
+        print_json(prepared.report(host, **result))
         return 0 if result["ok"] else 1
 
     return run_benchmark(args, PROG, bench)

@@ -35,13 +35,13 @@ import numpy as np
 from benchmarks.common import (
     PreparedCase,
     add_case_arguments,
+    child_report,
     isotropic_shape,
     print_json,
     python,
     run_benchmark,
     run_child,
     setup_logging,
-    tail,
 )
 
 PROG = "python -m benchmarks.bench_published_style"
@@ -256,7 +256,7 @@ def run_published_child(
     with suppress(ValueError):
         worker = json.loads(child.stdout)
     gib = 2**30
-    report = {
+    head = {
         "benchmark": "published-style",
         "settings": {
             "window": window,
@@ -268,28 +268,21 @@ def run_published_child(
             "command": shlex.join(command),
         },
         "device": {"requested": device, "used": worker.get("device")},
-        "ok": child.returncode == 0 and child.seconds_to_output is not None,
-        "timed_out": child.timed_out,
-        "total_seconds": child.seconds_to_output,
-        "process_seconds": child.seconds_to_exit,
+    }
+    timing = {
         "case_seconds": worker.get("case_seconds"),
         "steps": worker.get("steps", {}),
         "windows": worker.get("windows"),
-        "peak_rss_gib": child.peak_rss_gib,
+    }
+    memory = {
         "peak_gpu_allocated_gib": round(worker["cuda_max_allocated"] / gib, 3)
         if "cuda_max_allocated" in worker
         else None,
         "peak_gpu_reserved_gib": round(worker["cuda_max_reserved"] / gib, 3)
         if "cuda_max_reserved" in worker
         else None,
-        "peak_gpu_driver_gib": child.peak_gpu_driver_gib,
-        "gpu_driver_baseline_gib": child.gpu_driver_baseline_gib,
-        "output": str(output) if output.exists() else None,
-        "returncode": child.returncode,
     }
-    if not report["ok"]:
-        report["log_tail"] = tail(child.stderr)
-    return report
+    return child_report(child, output, head, timing, memory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,15 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_published_child(
             prepared, args.device, args.window, args.overlap, args.global_size, args.timeout
         )
-        print_json(
-            {
-                **prepared.describe(),
-                "host": host,
-                "case_prepared_seconds": prepared.seconds_to_prepare,
-                "case_reused": prepared.reused,
-                **result,
-            }
-        )
+        print_json(prepared.report(host, **result))
         return 0 if result["ok"] else 1
 
     return run_benchmark(args, PROG, bench)

@@ -209,6 +209,16 @@ class PreparedCase:
     def published_dir(self) -> Path:
         return self.workdir / PUBLISHED_LAYOUT
 
+    def report(self, host: dict, **fields: object) -> dict:
+        """A benchmark's JSON object: the case, the host, how the case was got, then ``fields``."""
+        return {
+            **self.describe(),
+            "host": host,
+            "case_prepared_seconds": self.seconds_to_prepare,
+            "case_reused": self.reused,
+            **fields,
+        }
+
     def describe(self) -> dict:
         """The case part of every JSON report."""
         return {
@@ -441,6 +451,29 @@ class ChildRun:
     timed_out: bool = False
     stdout: str = field(repr=False, default="")
     stderr: str = field(repr=False, default="")
+
+
+def child_report(child: ChildRun, output: Path, head: dict, timing: dict, memory: dict) -> dict:
+    """One pipeline's report on its timed child: the child's own figures around the pipeline's
+    ``head`` (name, settings, device), ``timing`` and ``memory`` fields, in one order for every
+    pipeline, and the log's end when it failed."""
+    report = {
+        **head,
+        "ok": child.returncode == 0 and child.seconds_to_output is not None,
+        "timed_out": child.timed_out,
+        "total_seconds": child.seconds_to_output,
+        "process_seconds": child.seconds_to_exit,
+        **timing,
+        "peak_rss_gib": child.peak_rss_gib,
+        **memory,
+        "peak_gpu_driver_gib": child.peak_gpu_driver_gib,
+        "gpu_driver_baseline_gib": child.gpu_driver_baseline_gib,
+        "output": str(output) if output.exists() else None,
+        "returncode": child.returncode,
+    }
+    if not report["ok"]:
+        report["log_tail"] = tail(child.stderr)
+    return report
 
 
 def _last_line(fd: int, size: int = 4096) -> str:

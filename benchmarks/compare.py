@@ -56,18 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             prepared, args.device, args.window, args.overlap, args.global_size, args.timeout
         )
         print_json(
-            {
-                **prepared.describe(),
-                "host": host,
-                "case_prepared_seconds": prepared.seconds_to_prepare,
-                "case_reused": prepared.reused,
-                "fmc": fmc,
-                "published_style": published,
-                "ratio_published_over_fmc": _ratio(published["total_seconds"], fmc["total_seconds"]),
-                "ratio_published_over_fmc_case_seconds": _ratio(
-                    published["case_seconds"], fmc["case_seconds"]
-                ),
-            }
+            prepared.report(
+                host,
+                fmc=fmc,
+                published_style=published,
+                ratio_published_over_fmc=_ratio(published["total_seconds"], fmc["total_seconds"]),
+                ratio_published_over_fmc_case_seconds=_ratio(published["case_seconds"], fmc["case_seconds"]),
+            )
         )
         return 0 if fmc["ok"] and published["ok"] else 1
 

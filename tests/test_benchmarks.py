@@ -15,6 +15,8 @@ import tifffile
 from benchmarks.bench_inference import report_figures
 from benchmarks.bench_published_style import window_starts
 from benchmarks.common import (
+    ChildRun,
+    child_report,
     isotropic_shape,
     scaled_shape,
     synthetic_volume,
@@ -174,3 +176,21 @@ def test_native_output_benchmark_times_both_end_steps(capsys) -> None:
     assert 0.0 <= report["native_detail_gain"] <= 1.0 and report["shape"] == list(
         scaled_shape((222, 731, 860), 0.08)
     )
+
+
+def test_a_child_report_orders_the_pipelines_fields_among_the_childs_and_keeps_a_failures_log(tmp_path):
+    child = ChildRun(["x"], 1, None, 2.0, 0.5, None, None, stderr="first\nlast")
+    report = child_report(child, tmp_path / "absent.tif", {"benchmark": "b"}, {"steps": {}}, {"peak": 1})
+    assert list(report)[:7] == [
+        "benchmark",
+        "ok",
+        "timed_out",
+        "total_seconds",
+        "process_seconds",
+        "steps",
+        "peak_rss_gib",
+    ]
+    assert list(report)[7] == "peak"
+    assert report["ok"] is False and report["output"] is None and report["log_tail"] == "first\nlast"
+    finished = ChildRun(["x"], 0, 1.0, 2.0, 0.5, None, None, stderr="log")
+    assert "log_tail" not in child_report(finished, tmp_path, {}, {}, {})
