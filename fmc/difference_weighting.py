@@ -58,6 +58,14 @@ def difference_weighting(inp: torch.Tensor, initial: torch.Tensor, max_filter: i
     return (1 - weight) * inp + weight * initial
 
 
+def _check_two_volumes(inp: torch.Tensor, written: torch.Tensor) -> None:
+    """The in-place forms blend plane by plane: two (Z, Y, X) volumes of one shape."""
+    if inp.shape != written.shape or inp.dim() != 3:
+        raise ValueError(
+            f"expected two equal (Z, Y, X) volumes, got {tuple(inp.shape)} and {tuple(written.shape)}"
+        )
+
+
 def difference_weighting_(
     inp: torch.Tensor, initial: torch.Tensor, max_filter: int = 0, slab_voxels: int = SLAB_VOXELS
 ) -> torch.Tensor:
@@ -68,10 +76,7 @@ def difference_weighting_(
     each slab, so the planes just above a slab are kept before they are overwritten. Extra
     memory: a few slabs of ``slab_voxels``.
     """
-    if inp.shape != initial.shape or inp.dim() != 3:
-        raise ValueError(
-            f"expected two equal (Z, Y, X) volumes, got {tuple(inp.shape)} and {tuple(initial.shape)}"
-        )
+    _check_two_volumes(inp, initial)
     if inp.data_ptr() == initial.data_ptr():
         raise ValueError("initial must not share memory with inp: it is overwritten")
     halo = max_filter // 2 if max_filter > 1 else 0
@@ -180,10 +185,7 @@ def released_difference_weighting_(
     ``prediction``; returns it."""
     from fmc.resample import resample_slabs
 
-    if inp.shape != prediction.shape or inp.dim() != 3:
-        raise ValueError(
-            f"expected two equal (Z, Y, X) volumes, got {tuple(inp.shape)} and {tuple(prediction.shape)}"
-        )
+    _check_two_volumes(inp, prediction)
     weight = released_weight_map(inp, prediction, grid, max_filter, sigma)
     for z0, slab in resample_slabs(weight, tuple(inp.shape)):
         z1 = z0 + slab.shape[0]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmc.difference_weighting import difference_weighting, difference_weighting_
+from fmc.difference_weighting import (
+    difference_weighting,
+    difference_weighting_,
+    released_difference_weighting_,
+)
 
 
 def test_difference_weighting_matches_hand_computation():
@@ -50,8 +54,15 @@ def test_in_place_refuses_aliasing_and_even_filters():
         difference_weighting_(volume, volume)
     with pytest.raises(ValueError, match="odd"):
         difference_weighting_(volume, volume.clone(), max_filter=4)
+
+
+@pytest.mark.parametrize("in_place", [difference_weighting_, released_difference_weighting_])
+def test_both_in_place_forms_refuse_volumes_of_two_shapes_or_not_3d(in_place):
+    volume = torch.rand(4, 5, 6)
     with pytest.raises(ValueError, match="equal"):
-        difference_weighting_(volume, torch.rand(4, 5, 7))
+        in_place(volume, torch.rand(4, 5, 7))
+    with pytest.raises(ValueError, match="equal"):
+        in_place(volume[None], torch.rand(1, 4, 5, 6))
 
 
 @pytest.mark.parametrize("size", [1, 3, 5, 7])

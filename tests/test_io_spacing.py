@@ -88,3 +88,12 @@ def test_study_values(tmp_path, value, study):
     path = tmp_path / "image_1_nucleus_angle.tif"
     tifffile.imwrite(path, random_volume(), metadata={"PhysicalSizeX": 0.39, "study": value})
     assert read_case(path).meta.study == study
+
+
+def test_a_refused_study_value_is_named_and_the_next_key_is_read(tmp_path, caplog):
+    path = tmp_path / "image_1_nucleus_angle.tif"
+    tifffile.imwrite(path, random_volume(), metadata={"PhysicalSizeX": 0.39, "study": "abc", "StudyID": 3})
+    meta = read_case(path).meta
+    assert meta.study == 3 and meta.sources["study"].endswith(":StudyID")
+    where = meta.sources["study"].removesuffix("StudyID")
+    assert any(f"{where}study='abc' is not a study number" in w for w in fmc_io_warnings(caplog))

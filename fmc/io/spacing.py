@@ -39,12 +39,19 @@ class SpacingResult:
     reason: str = ""  # why the spacing is invalid, when one value says it all
 
 
-def first_unit(sources: list[Source], names: tuple[str, ...]) -> tuple[str, str] | None:
+def found_values(sources: list[Source], names: tuple[str, ...]) -> Iterator[tuple[Any, str]]:
+    """Each value stored under one of ``names``, source by source, with where it is (``source:key``)."""
     for source in sources:
         for name in names:
             found = source.get(name)
-            if found is not None and isinstance(found[0], str):
-                return found[0], f"{source.name}:{found[1]}"
+            if found is not None:
+                yield found[0], f"{source.name}:{found[1]}"
+
+
+def first_unit(sources: list[Source], names: tuple[str, ...]) -> tuple[str, str] | None:
+    for value, where in found_values(sources, names):
+        if isinstance(value, str):
+            return value, where
     return None
 
 
@@ -251,15 +258,11 @@ def _channel_value(value: Any) -> str | None:
 
 
 def resolve_channel(sources: list[Source], path: Path) -> tuple[str, str]:
-    for source in sources:
-        for name in ("channel", "channelname"):
-            found = source.get(name)
-            if found is None:
-                continue
-            channel = _channel_value(found[0])
-            if channel:
-                return channel, f"{source.name}:{found[1]}"
-            log.debug("%s: %s:%s=%r is not nucleus/membrane", path.name, source.name, found[1], found[0])
+    for value, where in found_values(sources, ("channel", "channelname")):
+        channel = _channel_value(value)
+        if channel:
+            return channel, where
+        log.debug("%s: %s=%r is not nucleus/membrane", path.name, where, value)
     match = _FILENAME_CHANNEL.search(path.name.lower().rsplit(".", 1)[0])
     if match:
         return match[1], "filename"
@@ -280,15 +283,9 @@ def _study_value(value: Any) -> int | None:
 
 
 def resolve_study(sources: list[Source], path: Path) -> tuple[int | None, str]:
-    for source in sources:
-        for name in ("study", "studyid"):
-            found = source.get(name)
-            if found is None:
-                continue
-            study = _study_value(found[0])
-            if study is not None:
-                return study, f"{source.name}:{found[1]}"
-            log.warning(
-                "%s: %s:%s=%r is not a study number, ignored", path.name, source.name, found[1], found[0]
-            )
+    for value, where in found_values(sources, ("study", "studyid")):
+        study = _study_value(value)
+        if study is not None:
+            return study, where
+        log.warning("%s: %s=%r is not a study number, ignored", path.name, where, value)
     return None, "none"
