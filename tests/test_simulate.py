@@ -25,6 +25,12 @@ from fmc.simulate import (
 )
 
 SMALL = (32, 96, 96)
+# A view with no haze and no attenuation: what the blur tests compare against.
+NO_HAZE_OR_ATTENUATION = {
+    "haze_fraction": 0.0,
+    "attenuation_detection_per_um": 0.0,
+    "attenuation_illumination_per_um": 0.0,
+}
 
 
 def small_params(channel: str = "nucleus", **changes) -> SimulationParams:
@@ -135,9 +141,7 @@ def test_target_has_more_high_frequency_energy(channel):
         params,
         blur_surface_um=(0.0, 0.0, 0.0),
         blur_deep_um=(0.0, 0.0, 0.0),
-        haze_fraction=0.0,
-        attenuation_detection_per_um=0.0,
-        attenuation_illumination_per_um=0.0,
+        **NO_HAZE_OR_ATTENUATION,
         stripe_strength=0.0,
         photons=5000.0,
     )
@@ -229,25 +233,8 @@ def test_sample_case_layout(tmp_path, monkeypatch):
 
 
 def test_cli_writes_pairs(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "--out",
-                str(tmp_path),
-                "--n",
-                "1",
-                "--channel",
-                "nucleus",
-                "--seed",
-                "4",
-                "--shape",
-                "8",
-                "48",
-                "48",
-            ]
-        )
-        == 0
-    )
+    argv = ["--n", "1", "--channel", "nucleus", "--seed", "4", "--shape", "8", "48", "48"]
+    assert main(["--out", str(tmp_path), *argv]) == 0
     assert (tmp_path / "image_0_nucleus_angle.tif").exists()
     assert (tmp_path / "image_0_nucleus_fused.tif").exists()
     assert "per pair" in capsys.readouterr().out
@@ -262,9 +249,7 @@ def test_sheet_divergence_blurs_away_from_the_waist():
     base = SimulationParams(
         shape=(24, 64, 64),
         spacing=(1.0, 0.39, 0.39),
-        haze_fraction=0.0,
-        attenuation_illumination_per_um=0.0,
-        attenuation_detection_per_um=0.0,
+        **NO_HAZE_OR_ATTENUATION,
         photons=1e5,
         read_noise=0.0,
         ambient_photons=0.0,

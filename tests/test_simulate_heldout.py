@@ -52,25 +52,8 @@ def test_the_specimen_differs_between_channels():
 
 
 def test_cli_writes_readable_pairs_with_offset_ids(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "--out",
-                str(tmp_path),
-                "--n",
-                "1",
-                "--channel",
-                "membrane",
-                "--seed",
-                "2",
-                "--shape",
-                *map(str, SHAPE),
-                "--first-id",
-                "1000",
-            ]
-        )
-        == 0
-    )
+    argv = ["--n", "1", "--channel", "membrane", "--seed", "2", "--first-id", "1000"]
+    assert main(["--out", str(tmp_path), *argv, "--shape", *map(str, SHAPE)]) == 0
     case = read_case(tmp_path / "image_1000_membrane_angle.tif")
     assert case.meta.channel == "membrane" and case.volume.shape[1:] == SHAPE[1:]
     assert (tmp_path / "image_1000_membrane_fused.tif").is_file()
