@@ -31,6 +31,12 @@ def max_filter3d(volume: torch.Tensor, size: int) -> torch.Tensor:
     if size % 2 == 0:
         raise ValueError(f"max_filter must be odd, got {size}")
     radius = size // 2
+    if volume.requires_grad and torch.is_grad_enabled():
+        # the in-place maxima below have no gradient; max_pool3d's -inf padding keeps the valid
+        # neighbourhood too (training with --dw-train-max-filter)
+        shape = volume.shape
+        flat = volume.reshape(-1, 1, *shape[-3:])
+        return torch.nn.functional.max_pool3d(flat, size, stride=1, padding=radius).reshape(shape)
     out = volume
     for dim in (-3, -2, -1):
         source, out = out, out.clone()

@@ -76,6 +76,17 @@ def test_max_filter_equals_max_pooling(size, shape):
     assert torch.equal(max_filter3d(volume, size), expected)
 
 
+def test_training_with_a_max_filter_gets_gradients_through_difference_weighting():
+    """--dw-train-max-filter: the filter runs under autograd and passes gradients to the output."""
+    from fmc.difference_weighting import difference_weighting, max_filter3d
+
+    inp = torch.rand(1, 1, 6, 7, 8, generator=torch.Generator().manual_seed(0))
+    initial = torch.rand(1, 1, 6, 7, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    assert torch.equal(max_filter3d(initial, 3), max_filter3d(initial.detach(), 3))
+    difference_weighting(inp, initial, max_filter=3).sum().backward()
+    assert initial.grad is not None and initial.grad.abs().sum() > 0
+
+
 def _corner_case() -> tuple[torch.Tensor, torch.Tensor]:
     """I = 0, O = 0.1 everywhere but 1.0 at the corner voxel of a 3^3 cube."""
     inp = torch.zeros(3, 3, 3)
