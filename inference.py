@@ -2,16 +2,24 @@
 
 import sys
 
-from fmc.signals import Interrupted, ignore_signals, install_signal_handlers, report_interrupted
+from fmc.signals import (
+    Interrupted,
+    ignore_signals,
+    install_signal_handlers,
+    report_interrupted,
+    signals_deferred,
+)
 
 
 def run() -> int:
-    """Stop signals are handled before torch is imported, and ignored once the run is over: a
-    signal at any moment is one line and exit 128 + N, never a traceback."""
+    """Stop signals are handled before torch is imported (held until its import is done), and
+    ignored once the run is over: a signal at any moment is one line and exit 128 + N, never a
+    traceback."""
     install_signal_handlers()
     try:
         try:
-            from fmc.infer import main
+            with signals_deferred():
+                from fmc.infer import main
 
             return main()
         finally:

@@ -6,13 +6,18 @@ traceback. The handler is idempotent: the first signal raises :class:`Interrupte
 one (a second ``docker stop`` while the temporary is being removed) changes nothing, neither the
 exit code nor what is printed. Once the run is over, :func:`ignore_signals` makes a late signal a
 no-op, so interpreter shutdown (atexit handlers) prints nothing after a clean exit.
+
+While torch is imported the stop is deferred (:func:`signals_deferred`): torch's import runs
+Python code called from C++, and an exception raised there aborts the process (``terminate
+called after throwing ... pybind11::error_already_set``, exit -6) instead of unwinding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("fmc")
@@ -38,12 +43,26 @@ class Interrupted(BaseException):
 
 
 _received: list[int] = []  # the signals seen since install_signal_handlers: only the first raises
+_deferring = False  # inside signals_deferred: record the first signal, raise it when the block ends
 
 
 def _raise_once(signum: int, frame: object) -> None:
     _received.append(signum)
-    if len(_received) == 1:
+    if len(_received) == 1 and not _deferring:
         raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold a stop signal until the block ends, then raise it: for imports that call Python from C++."""
+    global _deferring
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def _set_all(handler: Callable[[int, object], None] | int) -> Handlers | None:
