@@ -20,6 +20,7 @@ child's per-stage seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -46,11 +47,47 @@ from benchmarks.common import (
 
 PROG = "python -m benchmarks.bench_published_style"
 
-WINDOW = 224
-OVERLAP = 0.25
-GLOBAL_SIZE = 224
 MAX_FILTER = 3
 PERCENTILES = (2.0, 99.8)
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedSettings:
+    """What the published style is run with: its three flags, in the parent and in the worker."""
+
+    window: int = 224  # window edge (voxels)
+    overlap: float = 0.25  # window overlap fraction
+    global_size: int = 224  # step-1 cube edge (voxels)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+        """``--window``, ``--overlap`` and ``--global-size``; help texts start with ``prefix``."""
+        for field in dataclasses.fields(PublishedSettings):
+            parser.add_argument(
+                "--" + field.name.replace("_", "-"),
+                type=type(field.default),
+                default=field.default,
+                help=prefix + _FLAG_HELP[field.name],
+            )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PublishedSettings:
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+    def flags(self) -> list[str]:
+        """The worker's command-line flags for these settings."""
+        return [
+            item
+            for field in dataclasses.fields(self)
+            for item in ("--" + field.name.replace("_", "-"), str(getattr(self, field.name)))
+        ]
+
+
+_FLAG_HELP = {
+    "window": "window edge (voxels)",
+    "overlap": "window overlap fraction",
+    "global_size": "step-1 cube edge (voxels)",
+}
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -118,9 +155,7 @@ def run_published(
     weights_dir: Path,
     output_path: Path,
     device: str,
-    window: int = WINDOW,
-    overlap: float = OVERLAP,
-    global_size: int = GLOBAL_SIZE,
+    settings: PublishedSettings = PublishedSettings(),
 ) -> dict:
     """Fuse one case the published way; returns per-stage seconds and what was run."""
     import tifffile
@@ -152,14 +187,16 @@ def run_published(
             iso = _resize(image, iso_shape)
             del image
         with _timed(timings, "step1", device):
-            small = _resize(iso, (global_size,) * 3)
+            small = _resize(iso, (settings.global_size,) * 3)
             initial = _resize(_forward(step1.network, small[None], device).astype(np.float64), iso_shape)
             del small
         with _timed(timings, "step2", device):
             channels = int(step2.card.config.get("in_channels", 2))
             stacked = np.stack([iso, initial][:channels]).astype(np.float32)
             del initial
-            prediction, n_windows = _windows(step2.network, stacked, device, window, overlap)
+            prediction, n_windows = _windows(
+                step2.network, stacked, device, settings.window, settings.overlap
+            )
             del stacked
         with _timed(timings, "dw", device):
             smoothed = maximum_filter(prediction, size=MAX_FILTER)
@@ -213,9 +250,7 @@ def run_published(
     }
 
 
-def published_command(
-    prepared: PreparedCase, device: str, window: int, overlap: float, global_size: int
-) -> list[str]:
+def published_command(prepared: PreparedCase, device: str, settings: PublishedSettings) -> list[str]:
     """The worker command line that is timed."""
     return [
         python(),
@@ -230,26 +265,16 @@ def published_command(
         str(prepared.published_dir / prepared.case_path.name),
         "--device",
         device,
-        "--window",
-        str(window),
-        "--overlap",
-        str(overlap),
-        "--global-size",
-        str(global_size),
+        *settings.flags(),
     ]
 
 
 def run_published_child(
-    prepared: PreparedCase,
-    device: str,
-    window: int = WINDOW,
-    overlap: float = OVERLAP,
-    global_size: int = GLOBAL_SIZE,
-    timeout: float = 0,
+    prepared: PreparedCase, device: str, settings: PublishedSettings, timeout: float = 0
 ) -> dict:
     """Time the published-style worker as its own process and return its figures."""
     prepared.published_dir.mkdir(parents=True, exist_ok=True)
-    command = published_command(prepared, device, window, overlap, global_size)
+    command = published_command(prepared, device, settings)
     output = prepared.published_dir / prepared.case_path.name
     child = run_child(command, output=output, timeout=timeout, label="published-style worker")
     worker: dict = {}
@@ -259,9 +284,7 @@ def run_published_child(
     head = {
         "benchmark": "published-style",
         "settings": {
-            "window": window,
-            "overlap": overlap,
-            "global_size": global_size,
+            **dataclasses.asdict(settings),
             "blending": "constant",
             "resize": "skimage order=1 anti_aliasing float64",
             "precision": "fp32",
@@ -292,9 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_case_arguments(parser)
-    parser.add_argument("--window", type=int, default=WINDOW, help="window edge (voxels)")
-    parser.add_argument("--overlap", type=float, default=OVERLAP, help="window overlap fraction")
-    parser.add_argument("--global-size", type=int, default=GLOBAL_SIZE, help="step-1 cube edge (voxels)")
+    PublishedSettings.add_arguments(parser)
     return parser
 
 
@@ -306,12 +327,10 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--window", type=int, default=WINDOW)
-    parser.add_argument("--overlap", type=float, default=OVERLAP)
-    parser.add_argument("--global-size", type=int, default=GLOBAL_SIZE)
+    PublishedSettings.add_arguments(parser)
     args = parser.parse_args(argv)
     result = run_published(
-        args.case, args.weights, args.output, args.device, args.window, args.overlap, args.global_size
+        args.case, args.weights, args.output, args.device, PublishedSettings.from_args(args)
     )
     print(json.dumps(result))
     return 0
@@ -325,9 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def bench(prepared: PreparedCase, host: dict) -> int:
-        result = run_published_child(
-            prepared, args.device, args.window, args.overlap, args.global_size, args.timeout
-        )
+        result = run_published_child(prepared, args.device, PublishedSettings.from_args(args), args.timeout)
         print_json(prepared.report(host, **result))
         return 0 if result["ok"] else 1
 

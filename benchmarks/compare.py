@@ -18,7 +18,7 @@ import shlex
 import sys
 
 from benchmarks.bench_inference import run_fmc
-from benchmarks.bench_published_style import GLOBAL_SIZE, OVERLAP, WINDOW, run_published_child
+from benchmarks.bench_published_style import PublishedSettings, run_published_child
 from benchmarks.common import PreparedCase, add_case_arguments, print_json, run_benchmark, setup_logging
 
 PROG = "python -m benchmarks.compare"
@@ -32,11 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_case_arguments(parser)
     parser.add_argument("--extra-args", default="", help="more inference.py flags, one string")
-    parser.add_argument("--window", type=int, default=WINDOW, help="published-style window edge")
-    parser.add_argument("--overlap", type=float, default=OVERLAP, help="published-style window overlap")
-    parser.add_argument(
-        "--global-size", type=int, default=GLOBAL_SIZE, help="published-style step-1 cube edge"
-    )
+    PublishedSettings.add_arguments(parser, prefix="published style: ")
     return parser
 
 
@@ -53,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     def bench(prepared: PreparedCase, host: dict) -> int:
         fmc = run_fmc(prepared, args.device, shlex.split(args.extra_args), args.timeout)
         published = run_published_child(
-            prepared, args.device, args.window, args.overlap, args.global_size, args.timeout
+            prepared, args.device, PublishedSettings.from_args(args), args.timeout
         )
         print_json(
             prepared.report(

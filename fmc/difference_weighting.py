@@ -13,6 +13,7 @@ on the output. Which form a model uses is a setting of its model card (:mod:`fmc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -124,11 +125,18 @@ def difference_weighting_(
     return initial
 
 
-#: The released code's constants: weight map at 128^3, max filter 9, Gaussian sigma 3, p2 / p98.
-RELEASED_GRID = 128
-RELEASED_MAX_FILTER = 9
-RELEASED_SIGMA = 3.0
-RELEASED_PERCENTILES = (2.0, 98.0)
+@dataclasses.dataclass(frozen=True)
+class ReleasedForm:
+    """The released code's constants, one object so both of its functions take them alike."""
+
+    grid: int = 128  # the weight map's edge (voxels)
+    max_filter: int = 9  # the max filter on the weight map (odd; 1 = off)
+    sigma: float = 3.0  # the Gaussian on the weight map (grid voxels)
+    percentiles: tuple[float, float] = (2.0, 98.0)  # the weight map's min-max normalization
+
+
+#: The released code's values.
+RELEASED = ReleasedForm()
 
 
 def gaussian_blur3d(volume: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -150,14 +158,9 @@ def gaussian_blur3d(volume: torch.Tensor, sigma: float, truncate: float = 4.0) -
 
 
 def released_weight_map(
-    inp: torch.Tensor,
-    prediction: torch.Tensor,
-    grid: int = RELEASED_GRID,
-    max_filter: int = RELEASED_MAX_FILTER,
-    sigma: float = RELEASED_SIGMA,
-    percentiles: tuple[float, float] = RELEASED_PERCENTILES,
+    inp: torch.Tensor, prediction: torch.Tensor, form: ReleasedForm = RELEASED
 ) -> torch.Tensor:
-    """The released code's weight map at ``grid``^3: ``|I - O|`` resampled, max-filtered, smoothed,
+    """The released code's weight map at ``form.grid``^3: ``|I - O|`` resampled, max-filtered, smoothed,
     percentile-normalized and clipped to [0, 1]."""
     from fmc.resample import resample_to_shape
 
@@ -171,28 +174,25 @@ def released_weight_map(
         def planes(z0: int, z1: int) -> torch.Tensor:
             return (inp[z0:z1].float() - prediction[z0:z1].float()).abs_()
 
-    small = resample_to_shape(_Difference(), (grid, grid, grid))
-    if max_filter > 1:
-        small = max_filter3d(small, max_filter)
-    small = gaussian_blur3d(small, sigma)
-    q = torch.tensor([percentiles[0] / 100.0, percentiles[1] / 100.0], device=small.device)
+    small = resample_to_shape(_Difference(), (form.grid,) * 3)
+    if form.max_filter > 1:
+        small = max_filter3d(small, form.max_filter)
+    small = gaussian_blur3d(small, form.sigma)
+    low_percent, high_percent = form.percentiles
+    q = torch.tensor([low_percent / 100.0, high_percent / 100.0], device=small.device)
     low, high = torch.quantile(small.reshape(-1), q).tolist()
     return ((small - low) / max(high - low, 1e-12)).clamp_(0.0, 1.0)
 
 
 def released_difference_weighting_(
-    inp: torch.Tensor,
-    prediction: torch.Tensor,
-    grid: int = RELEASED_GRID,
-    max_filter: int = RELEASED_MAX_FILTER,
-    sigma: float = RELEASED_SIGMA,
+    inp: torch.Tensor, prediction: torch.Tensor, form: ReleasedForm = RELEASED
 ) -> torch.Tensor:
     """``I * (1 - D) + O * D`` with the released code's ``D`` (upsampled slab by slab), written into
     ``prediction``; returns it."""
     from fmc.resample import resample_slabs
 
     _check_two_volumes(inp, prediction)
-    weight = released_weight_map(inp, prediction, grid, max_filter, sigma)
+    weight = released_weight_map(inp, prediction, form)
     for z0, slab in resample_slabs(weight, tuple(inp.shape)):
         z1 = z0 + slab.shape[0]
         prediction[z0:z1].sub_(inp[z0:z1]).mul_(slab).add_(inp[z0:z1])

@@ -329,7 +329,8 @@ class FusionPipeline:
             # step 1, step 2, difference weighting (the time still needed after step 2 kept in reserve)
             dw = self.settings.difference_weighting != "none"
             reserve = post_step2_reserve_seconds(timings["resample_in"], volume.nbytes, dw)
-            prediction = self.predict_isotropic(iso, timings, deadline=deadline, reserve_seconds=reserve)
+            budget = None if deadline is None else Budget(deadline, reserve)
+            prediction = self.predict_isotropic(iso, timings, budget)
             # the change gate, then the change added back onto the native input, uint16
             with self._timed(timings, "resample_out", self.device):
                 self.gate = decide(self.settings, iso, prediction)
@@ -411,15 +412,12 @@ class FusionPipeline:
 
     @torch.inference_mode()  # also when training's validation calls it under no_grad only
     def predict_isotropic(
-        self,
-        iso: torch.Tensor,
-        timings: dict[str, float] | None = None,
-        deadline: float | None = None,
-        reserve_seconds: float = 0.0,
+        self, iso: torch.Tensor, timings: dict[str, float] | None = None, budget: Budget | None = None
     ) -> torch.Tensor:
-        """Steps 1, 2 and DW on a normalized (Z,Y,X) volume at 0.6 um; returns the same shape."""
+        """Steps 1, 2 and DW on a normalized (Z,Y,X) volume at 0.6 um; returns the same shape.
+        With a ``budget`` the planner may shorten or skip step 2 (:func:`fmc.safeguards.run_step_two`)."""
         timings = {} if timings is None else timings
-        prediction = self.predict_before_dw(iso, timings, deadline, reserve_seconds)
+        prediction = self.predict_before_dw(iso, timings, budget)
         if self.settings.difference_weighting != "none":
             with self._timed(timings, "dw", iso.device):
                 prediction = weigh_differences(iso, prediction, self.settings)
@@ -427,11 +425,7 @@ class FusionPipeline:
 
     @torch.inference_mode()
     def predict_before_dw(
-        self,
-        iso: torch.Tensor,
-        timings: dict[str, float] | None = None,
-        deadline: float | None = None,
-        reserve_seconds: float = 0.0,
+        self, iso: torch.Tensor, timings: dict[str, float] | None = None, budget: Budget | None = None
     ) -> torch.Tensor:
         """Steps 1 and 2 (the networks' part): what difference weighting then acts on."""
         timings = {} if timings is None else timings
@@ -443,7 +437,6 @@ class FusionPipeline:
         prediction: torch.Tensor | StepTwo = StepTwo.OFF
         if self.step2_model is not None:
             with self._timed(timings, "step2", dev):
-                budget = None if deadline is None else Budget(deadline, reserve_seconds)
                 prediction = self._patch_step(iso, step1_small, budget)
         if not isinstance(prediction, torch.Tensor):  # step 2 off or skipped: step 1 at full resolution
             with self._timed(timings, "step1_upsample", dev):

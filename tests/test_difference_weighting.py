@@ -96,7 +96,7 @@ def _corner_case() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_released_form_matches_hand_computation():
-    from fmc.difference_weighting import released_difference_weighting_
+    from fmc.difference_weighting import ReleasedForm, released_difference_weighting_
 
     inp, out = _corner_case()
     # D = |I - O| = 0.1, 1.0 at the corner; max filter 3 -> 1.0 on the corner's 2^3 block, 0.1 elsewhere;
@@ -105,7 +105,7 @@ def test_released_form_matches_hand_computation():
     expected = torch.zeros(3, 3, 3)
     expected[:2, :2, :2] = 0.1
     expected[0, 0, 0] = 1.0
-    result = released_difference_weighting_(inp, out.clone(), grid=3, max_filter=3, sigma=0.0)
+    result = released_difference_weighting_(inp, out.clone(), ReleasedForm(grid=3, max_filter=3, sigma=0.0))
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
 
 
@@ -121,15 +121,20 @@ def test_paper_form_on_the_same_case_blends_the_max_filtered_output():
 
 
 def test_released_weight_map_is_smooth_coarse_and_clipped():
-    from fmc.difference_weighting import gaussian_blur3d, released_difference_weighting_, released_weight_map
+    from fmc.difference_weighting import (
+        ReleasedForm,
+        gaussian_blur3d,
+        released_difference_weighting_,
+        released_weight_map,
+    )
 
     generator = torch.Generator().manual_seed(0)
     inp = torch.rand(20, 30, 25, generator=generator)
     out = inp.clone()
     out[5:8, 10:14, 10:12] += 3.0  # one region changed by the network
-    weight = released_weight_map(inp, out, grid=16, max_filter=3, sigma=1.0)
+    weight = released_weight_map(inp, out, ReleasedForm(grid=16, max_filter=3, sigma=1.0))
     assert weight.shape == (16, 16, 16) and float(weight.min()) == 0.0 and float(weight.max()) == 1.0
-    result = released_difference_weighting_(inp, out.clone(), grid=16, max_filter=3, sigma=1.0)
+    result = released_difference_weighting_(inp, out.clone(), ReleasedForm(grid=16, max_filter=3, sigma=1.0))
     assert torch.allclose(result[0], inp[0], atol=1e-5)  # far from the change: the input
     assert float(result[6, 12, 11] - inp[6, 12, 11]) > 2.0  # at the change: mostly the output
     # the Gaussian keeps the sum away from the edges and leaves a constant volume as it is

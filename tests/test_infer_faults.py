@@ -113,7 +113,7 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 @pytest.fixture
 def identity_model(monkeypatch) -> None:
     """The networks return their input, so the output shows what the uint16 mapping keeps."""
-    monkeypatch.setattr(FusionPipeline, "predict_isotropic", lambda self, iso, timings, **kwargs: iso)
+    monkeypatch.setattr(FusionPipeline, "predict_isotropic", lambda self, iso, timings, budget=None: iso)
 
 
 def _score_input(tmp_path: Path, volume: np.ndarray) -> Path:

@@ -13,6 +13,7 @@ from fmc.acceleration import KernelOptions
 from fmc.network import RUNet, preset
 from fmc.pipeline import FusionPipeline, PipelineConfig, StepTwoInputs, with_flips
 from fmc.resample import resample_to_shape
+from fmc.safeguards import Budget
 from fmc.tiling import TilingConfig
 from fmc.weights import LoadedModel, ModelCard, ModelSet
 
@@ -254,11 +255,11 @@ def test_step_two_running_late_gives_its_last_patches_the_step_one_output(caplog
     models = ModelSet(step1=_tiny(1, 1, 0), step2=_loaded(slow, 2, 2), folder=None)
     config = PipelineConfig(global_size=32, difference_weighting="none", tiling=SMALL_TILING)
     pipeline = FusionPipeline(models, config)
-    pipeline.predict_isotropic(iso[:16], deadline=None)  # first calls (allocations) before the clock
+    pipeline.predict_isotropic(iso[:16])  # first calls (allocations) before the clock
     slow.calls = 0
     deadline = time.perf_counter() + 1.2  # 20 patches in 10 batches would take 2 s
     with caplog.at_level(logging.INFO):
-        out = pipeline.predict_isotropic(iso, deadline=deadline)
+        out = pipeline.predict_isotropic(iso, budget=Budget(deadline, reserve_seconds=0.0))
     finished = time.perf_counter()
     assert "fits" in caplog.text and "time is up after" in caplog.text
     assert finished <= deadline + 0.3  # the last network batch may end a little late, not 0.8 s late
