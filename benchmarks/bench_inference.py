@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks.common import (
     GIB,
     PreparedCase,
-    add_case_arguments,
+    case_parser,
     child_report,
     print_json,
     python,
@@ -109,12 +109,9 @@ def run_fmc(prepared: PreparedCase, device: str, extra_args: list[str], timeout:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Time inference.py end to end on a synthetic case of a study's shape (JSON on stdout).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = case_parser(
+        PROG, "Time inference.py end to end on a synthetic case of a study's shape (JSON on stdout)."
     )
-    add_case_arguments(parser)
     parser.add_argument(
         "--extra-args", default="", help='more inference.py flags, one string, e.g. "--tta --batch 4"'
     )

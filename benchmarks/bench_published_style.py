@@ -35,7 +35,7 @@ import numpy as np
 
 from benchmarks.common import (
     PreparedCase,
-    add_case_arguments,
+    case_parser,
     child_report,
     isotropic_shape,
     print_json,
@@ -309,12 +309,9 @@ def run_published_child(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Time the published-style pipeline (CPU skimage resize, 224^3 fp32 windows) as JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = case_parser(
+        PROG, "Time the published-style pipeline (CPU skimage resize, 224^3 fp32 windows) as JSON."
     )
-    add_case_arguments(parser)
     PublishedSettings.add_arguments(parser)
     return parser
 

@@ -189,25 +189,19 @@ class PreparedCase:
     seconds_to_prepare: float = 0.0
     reused: bool = False
 
-    @property
-    def input_dir(self) -> Path:
-        return self.workdir / INPUT_LAYOUT
+    # Where its files lie, all below workdir (set from it, not passed).
+    input_dir: Path = field(init=False)
+    case_path: Path = field(init=False)
+    weights_dir: Path = field(init=False)
+    output_dir: Path = field(init=False)
+    published_dir: Path = field(init=False)
 
-    @property
-    def case_path(self) -> Path:
-        return self.input_dir / CASE_NAME
-
-    @property
-    def weights_dir(self) -> Path:
-        return self.workdir / "model"
-
-    @property
-    def output_dir(self) -> Path:
-        return self.workdir / OUTPUT_LAYOUT
-
-    @property
-    def published_dir(self) -> Path:
-        return self.workdir / PUBLISHED_LAYOUT
+    def __post_init__(self) -> None:
+        self.input_dir = self.workdir / INPUT_LAYOUT
+        self.case_path = self.input_dir / CASE_NAME
+        self.weights_dir = self.workdir / "model"
+        self.output_dir = self.workdir / OUTPUT_LAYOUT
+        self.published_dir = self.workdir / PUBLISHED_LAYOUT
 
     def report(self, host: dict, **fields: object) -> dict:
         """A benchmark's JSON object: the case, the host, how the case was got, then ``fields``."""
@@ -233,8 +227,12 @@ class PreparedCase:
         }
 
 
-def add_case_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that pick the case and the model; the same in every benchmark script."""
+def case_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags that pick the case and the model (the same in every
+    benchmark script that times a case); the caller adds its own."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument(
         "--study", type=int, choices=sorted(STUDIES), required=True, help="study shape/spacing"
     )
@@ -255,6 +253,7 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=0, help="kill a pipeline process after this many seconds (0 = never)"
     )
+    return parser
 
 
 def prepare_case(workdir: Path, study: int, preset_name: str, scale: float, seed: int) -> PreparedCase:

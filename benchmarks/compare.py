@@ -19,18 +19,15 @@ import sys
 
 from benchmarks.bench_inference import run_fmc
 from benchmarks.bench_published_style import PublishedSettings, run_published_child
-from benchmarks.common import PreparedCase, add_case_arguments, print_json, run_benchmark, setup_logging
+from benchmarks.common import PreparedCase, case_parser, print_json, run_benchmark, setup_logging
 
 PROG = "python -m benchmarks.compare"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Run inference.py and the published-style pipeline on one case; JSON with the ratio.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = case_parser(
+        PROG, "Run inference.py and the published-style pipeline on one case; JSON with the ratio."
     )
-    add_case_arguments(parser)
     parser.add_argument("--extra-args", default="", help="more inference.py flags, one string")
     PublishedSettings.add_arguments(parser, prefix="published style: ")
     return parser

@@ -34,15 +34,9 @@ class DeviceVolume:
             raise ValueError(f"uint16 bits are held as int16, got {data.dtype}")
         self.data = data
         self.unsigned16 = unsigned16
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        z, y, x = self.data.shape
-        return (int(z), int(y), int(x))
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
+        z, y, x = data.shape
+        self.shape = (int(z), int(y), int(x))
+        self.device = data.device
 
     def planes(self, z0: int, z1: int) -> torch.Tensor:
         """Planes ``z0:z1`` as float32 (a new tensor for uint16 input, a view otherwise)."""

@@ -160,15 +160,9 @@ class StepTwoInputs:
         use_step1 = "step1" in inputs and step1_small is not None
         self.upsampler = RegionResampler(step1_small, tuple(iso.shape)) if use_step1 else None
         self.distance = RegionResampler(distance_small, tuple(iso.shape)) if "distance" in inputs else None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        z, y, x = self.iso.shape
-        return (int(z), int(y), int(x))
-
-    @property
-    def device(self) -> torch.device:
-        return self.iso.device
+        z, y, x = iso.shape
+        self.shape = (int(z), int(y), int(x))
+        self.device = iso.device
 
     def patch(self, start: tuple[int, int, int], size: tuple[int, int, int]) -> torch.Tensor:
         (z, y, x), (pz, py, px) = start, size

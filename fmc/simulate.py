@@ -32,7 +32,6 @@ Both volumes share one grid (shape and spacing) and are uint16. Everything is dr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -46,9 +45,9 @@ import numpy as np
 from scipy import ndimage, special
 from scipy.spatial import cKDTree
 
-from fmc.cli_help import DefaultsHelpFormatter
 from fmc.method import CHANNELS
 from fmc.normalization import clip_to_uint16
+from fmc.pair_cli import pair_parser, parse_pair_args
 
 log = logging.getLogger(__name__)
 
@@ -924,40 +923,16 @@ def make_sample_case(input_dir: Path, seed: int = 0) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write N simulated pairs of one channel."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fmc.simulate",
-        description=(
-            "Simulate single-view (angle) / multiview-fused lightsheet pairs of a packed-cell specimen "
-            "and write them as image_{N}_{channel}_{angle|fused}.tif with study-like metadata, plus a "
-            "maximum-intensity-projection PNG (input | target) and the parameters as JSON per pair."
-        ),
-        formatter_class=DefaultsHelpFormatter,
+    parser = pair_parser(
+        "python -m fmc.simulate",
+        "Simulate single-view (angle) / multiview-fused lightsheet pairs of a packed-cell specimen "
+        "and write them as image_{N}_{channel}_{angle|fused}.tif with study-like metadata, plus a "
+        "maximum-intensity-projection PNG (input | target) and the parameters as JSON per pair.",
+        shape=(64, 256, 256),
+        regimes=REGIMES,
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--n", type=int, default=8, help="number of pairs")
     parser.add_argument("--channel", choices=CHANNELS, default="nucleus", help="stained structure")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; pair i uses (seed, i)")
-    parser.add_argument(
-        "--shape", type=int, nargs=3, default=(64, 256, 256), metavar=("Z", "Y", "X"), help="voxels per pair"
-    )
-    parser.add_argument(
-        "--regime",
-        choices=REGIMES,
-        default="calibrated",
-        help="calibrated: views as close to the truth as the real data; harsh: dim, deep, blurred views",
-    )
-    parser.add_argument(
-        "--first-id", type=int, default=0, help="image id of the first pair (file names only)"
-    )
-    parser.add_argument("--log-level", default="INFO", help="logging level")
-    args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be >= 1")
-    if min(args.shape) < 1:
-        parser.error("--shape must be positive")
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    args = parse_pair_args(parser, argv)
     start = time.perf_counter()
     paths = write_dataset(
         args.out, args.n, args.channel, args.seed, tuple(args.shape), args.regime, args.first_id

@@ -27,7 +27,6 @@ but the file layout, and each physical effect is modelled differently:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from fmc.cli_help import DefaultsHelpFormatter
+from fmc.pair_cli import pair_parser, parse_pair_args
 
 log = logging.getLogger(__name__)
 
@@ -471,42 +470,18 @@ def write_heldout_dataset(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: write N held-out-family pairs of one channel."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fmc.simulate_heldout",
-        description="Write single-view / fused pairs from the held-out forward-model family (never "
+    parser = pair_parser(
+        "python -m fmc.simulate_heldout",
+        "Write single-view / fused pairs from the held-out forward-model family (never "
         "train on them): image_{N}_{channel}_{angle|fused}.tif plus the parameters as JSON.",
-        formatter_class=DefaultsHelpFormatter,
+        shape=(64, 160, 160),
+        regimes=REGIMES,
+        shape_help="most z planes and the lateral field in voxels",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--n", type=int, default=8, help="number of pairs")
     parser.add_argument(
         "--channel", choices=("nucleus", "membrane"), default="nucleus", help="stained structure"
     )
-    parser.add_argument("--seed", type=int, default=0, help="base seed; pair i uses (seed, i)")
-    parser.add_argument(
-        "--shape",
-        type=int,
-        nargs=3,
-        default=(64, 160, 160),
-        metavar=("Z", "Y", "X"),
-        help="most z planes and the lateral field in voxels",
-    )
-    parser.add_argument(
-        "--first-id", type=int, default=0, help="image id of the first pair (file names only)"
-    )
-    parser.add_argument(
-        "--regime",
-        choices=REGIMES,
-        default="calibrated",
-        help="calibrated: views as close to the truth as the real data; harsh: dim, deep, blurred views",
-    )
-    parser.add_argument("--log-level", default="INFO", help="logging level")
-    args = parser.parse_args(argv)
-    if args.n < 1 or min(args.shape) < 1:
-        parser.error("--n and --shape must be positive")
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    args = parse_pair_args(parser, argv)
     start = time.perf_counter()
     paths = write_heldout_dataset(
         args.out, args.n, args.channel, args.seed, tuple(args.shape), args.first_id, args.regime

@@ -92,15 +92,9 @@ class TensorSource:
 
     def __init__(self, volume: torch.Tensor) -> None:
         self.volume = volume
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        z, y, x = self.volume.shape[1:]
-        return (int(z), int(y), int(x))
-
-    @property
-    def device(self) -> torch.device:
-        return self.volume.device
+        z, y, x = volume.shape[1:]
+        self.shape = (int(z), int(y), int(x))
+        self.device = volume.device
 
     def patch(self, start: Shape3, size: Shape3) -> torch.Tensor:
         (z, y, x), (pz, py, px) = start, size

@@ -35,15 +35,14 @@ def test_inline_units_and_per_axis_unit_keys(tmp_path):
     assert read_case(path).meta.spacing == pytest.approx(IO_SPACING)
 
 
+def _write_with_xy_resolution(path, **tags) -> None:
+    """A random volume whose resolution tags say 0.39 um (x) and 0.195 um (y) per pixel, plus ``tags``."""
+    tifffile.imwrite(path, random_volume(), resolution=(1 / 0.39, 1 / 0.195), **tags)
+
+
 def test_imagej_resolution_tags_alone_give_xy_spacing(tmp_path, caplog):
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(
-        path,
-        random_volume(),
-        imagej=True,
-        resolution=(1 / 0.39, 1 / 0.195),
-        metadata={"spacing": 2.0, "unit": "micron"},
-    )
+    _write_with_xy_resolution(path, imagej=True, metadata={"spacing": 2.0, "unit": "micron"})
     meta = read_case(path).meta
     assert meta.spacing == pytest.approx((2.0, 0.195, 0.39))
     assert meta.sources["spacing_x"].startswith("resolution")
@@ -63,13 +62,7 @@ def test_resolution_in_centimetres_without_other_metadata(tmp_path, caplog):
 def test_organizers_style_inch_resolution_is_read_as_pixels_per_um(tmp_path):
     """tifffile's default ResolutionUnit is INCH even when the values are pixels per micrometre."""
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(
-        path,
-        random_volume(),
-        bigtiff=True,
-        resolution=(1 / 0.39, 1 / 0.195),
-        metadata={"unit": "um", "PhysicalSizeZ": 1.0},
-    )
+    _write_with_xy_resolution(path, bigtiff=True, metadata={"unit": "um", "PhysicalSizeZ": 1.0})
     meta = read_case(path).meta
     assert meta.spacing == pytest.approx(IO_SPACING)
     assert "INCH ignored" in meta.sources["spacing_x"]
