@@ -1,9 +1,13 @@
-"""The help formatter of fmc's command lines (inference.py, train.py, fmc.sample, the simulators)."""
+"""What fmc's command lines share (inference.py, train.py, fmc.sample, the simulators): the help
+formatter, one-line errors, and parsed flags turned into the dataclass they configure."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, NoReturn
+import dataclasses
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 def default_goes_unsaid(default: Any, help_text: str) -> bool:
@@ -34,3 +38,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def from_flags(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
+    """``cls`` (a dataclass) built from parsed flags: each field not in ``given`` takes the flag of
+    the same name, or keeps its default where the parser has no such flag.
+
+    Why: where a flag and a field share a name, the mapping is this one line, not one per field."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init} - given.keys()  # type: ignore[arg-type]
+    flags = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return cls(**flags, **given)

@@ -25,7 +25,7 @@ import torch
 
 from fmc.acceleration import COMPILE_MODES, PRECISIONS, KernelOptions
 from fmc.atomic import atomic_write, remove_stale_partials
-from fmc.cli_help import DefaultsHelpFormatter, OneLineErrorParser
+from fmc.cli_help import DefaultsHelpFormatter, OneLineErrorParser, from_flags
 from fmc.device import select_device
 from fmc.io import (
     CaseError,
@@ -685,18 +685,11 @@ def options_from_args(args: argparse.Namespace) -> InferenceOptions:
         tiling=tiling,
         kernels=kernels,
     )
-    return InferenceOptions(
-        input=args.input,
-        output=args.output,
-        weights=args.weights,
-        device=args.device,
+    return from_flags(
+        InferenceOptions,
+        args,
         pipeline=pipeline,
-        preview=args.preview,
-        patch=args.patch,
         budget_seconds=args.budget_seconds if args.budget_seconds > 0 else None,
-        gpu_memory_gib=args.gpu_memory_gib,
-        report=args.report,
-        allow_output_in_input=args.allow_output_in_input,
     )
 
 

@@ -1,13 +1,15 @@
-"""fmc.cli_help: a default is shown once, and never as "None" or after a required flag."""
+"""fmc.cli_help: a default is shown once, and never as "None" or after a required flag; parsed
+flags become the dataclass they configure, field by field of the same name."""
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fmc.cli_help import DefaultsHelpFormatter
+from fmc.cli_help import DefaultsHelpFormatter, from_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,3 +51,21 @@ def test_train_py_subcommands_print_no_empty_default() -> None:
         text = _help_of(parser)
         assert "(default: None)" not in text and "(default: [])" not in text, name
         assert "(default: ())" not in text, name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Knobs:
+    size: int = 1
+    name: str = "a"
+    kept: float = 0.5
+    derived: tuple[int, ...] = dataclasses.field(default=(), init=False)
+
+
+def test_from_flags_takes_same_named_flags_and_keeps_defaults_for_the_rest() -> None:
+    args = argparse.Namespace(size=7, name="b", unrelated="x", derived=(9,))
+    assert from_flags(_Knobs, args) == _Knobs(size=7, name="b", kept=0.5)
+
+
+def test_from_flags_given_values_win_over_the_flags() -> None:
+    args = argparse.Namespace(size=7, name="b", kept=0.1)
+    assert from_flags(_Knobs, args, size=3) == _Knobs(size=3, name="b", kept=0.1)

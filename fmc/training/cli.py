@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fmc.cli_help import DefaultsHelpFormatter, default_goes_unsaid
+from fmc.cli_help import DefaultsHelpFormatter, default_goes_unsaid, from_flags
 from fmc.method import CHANNELS, DEFAULT_GLOBAL_SIZE, DW_FORMS
 from fmc.tiling import TilingConfig
 from fmc.training.config import ABLATIONS, FitConfig, resolve_config
@@ -310,19 +310,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     split_csv = args.split_csv or (args.run / "split.csv" if args.run else None)
     _, summary = evaluate(
-        EvaluateConfig(
-            weights=args.weights,
-            data=args.data,
-            out=args.out,
+        from_flags(
+            EvaluateConfig,
+            args,
             split_csv=split_csv,
             subset=args.split,
-            device=args.device,
             channels=tuple(args.channels),
-            max_cases=args.max_cases,
-            overlap=args.overlap,
-            batch=args.batch,
-            tta=args.tta,
-            dw=args.dw,
             step2=not args.no_step2,
         )
     )
