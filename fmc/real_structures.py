@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from fmc.method import CHANNELS
 from fmc.pair_cli import pair_parser, parse_pair_args
+from fmc.pair_files import write_pairs
 from fmc.simulate import (
     REGIMES,
     Shape3,
@@ -41,7 +42,6 @@ from fmc.simulate import (
     pair_rng,
     random_params,
     specimen_geometry,
-    write_pairs,
 )
 
 log = logging.getLogger(__name__)
@@ -278,9 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         args.n,
         channel,
         lambda i: real_pair(structure, args.seed, i, channel, tuple(args.shape), args.regime),
-        args.regime,
+        {"regime": args.regime, **origin},
         args.first_id,
-        extra=origin,
     )
     seconds = time.perf_counter() - start
     print(

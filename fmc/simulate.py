@@ -33,11 +33,9 @@ Both volumes share one grid (shape and spacing) and are uint16. Everything is dr
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +46,7 @@ from scipy.spatial import cKDTree
 from fmc.method import CHANNELS
 from fmc.normalization import clip_to_uint16
 from fmc.pair_cli import pair_parser, parse_pair_args
+from fmc.pair_files import write_pairs
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,6 @@ STUDY_SPACINGS: dict[int, Vec3] = {
 }
 #: Studies that carry a membrane channel.
 MEMBRANE_STUDIES = (1, 3)
-#: Spellings of the PhysicalSize keys found in the wild, rotated through by :func:`write_dataset`.
-KEY_SPELLINGS = ("PhysicalSizeX", "physicalsizex", "physical_size_x")
 #: Shape and spacing of the bundled sample case: at 0.6 um isotropic it is 80 x 98 x 98 voxels.
 SAMPLE_SHAPE: Shape3 = (48, 300, 300)
 SAMPLE_SPACING: Vec3 = STUDY_SPACINGS[1]
@@ -623,49 +620,25 @@ class DegradationRanges:
 
 #: Keyed "harsh" (both channels) and "calibrated-<channel>": thin membranes lose more to the same
 #: blur than nuclei, so the calibrated regime blurs the membrane channel less to meet its target.
+#: One row per field, one column per key, so the regimes read side by side.
+_DEGRADATION_KEYS = ("harsh", "calibrated-nucleus", "calibrated-membrane")
+_DEGRADATION_TABLE: dict[str, tuple[tuple[float, float], ...]] = {
+    "transmission_detection": ((0.08, 0.7), (0.35, 0.9), (0.35, 0.9)),
+    "transmission_illumination": ((0.1, 0.8), (0.4, 0.9), (0.4, 0.9)),
+    "axial_surface_um": ((0.8, 2.0), (0.3, 1.0), (0.3, 0.9)),
+    "lateral_surface_um": ((0.0, 0.15), (0.0, 0.06), (0.0, 0.04)),
+    "axial_growth_um": ((0.8, 4.0), (0.2, 1.4), (0.2, 1.2)),
+    "lateral_growth_um": ((0.25, 1.2), (0.02, 0.3), (0.02, 0.2)),
+    "haze_fraction": ((0.05, 0.5), (0.02, 0.15), (0.02, 0.12)),
+    "stripe_strength": ((0.0, 0.5), (0.0, 0.25), (0.0, 0.2)),
+    "sheet_growth": ((0.0, 0.6), (0.0, 0.3), (0.0, 0.25)),
+    "uneven_illumination": ((0.0, 0.35), (0.0, 0.15), (0.0, 0.12)),
+    "photons": ((25.0, 2000.0), (400.0, 6000.0), (400.0, 6000.0)),
+    "read_noise": ((1.0, 10.0), (1.0, 4.0), (1.0, 4.0)),
+}
 DEGRADATION: dict[str, DegradationRanges] = {
-    "harsh": DegradationRanges(
-        transmission_detection=(0.08, 0.7),
-        transmission_illumination=(0.1, 0.8),
-        axial_surface_um=(0.8, 2.0),
-        lateral_surface_um=(0.0, 0.15),
-        axial_growth_um=(0.8, 4.0),
-        lateral_growth_um=(0.25, 1.2),
-        haze_fraction=(0.05, 0.5),
-        stripe_strength=(0.0, 0.5),
-        sheet_growth=(0.0, 0.6),
-        uneven_illumination=(0.0, 0.35),
-        photons=(25.0, 2000.0),
-        read_noise=(1.0, 10.0),
-    ),
-    "calibrated-nucleus": DegradationRanges(
-        transmission_detection=(0.35, 0.9),
-        transmission_illumination=(0.4, 0.9),
-        axial_surface_um=(0.3, 1.0),
-        lateral_surface_um=(0.0, 0.06),
-        axial_growth_um=(0.2, 1.4),
-        lateral_growth_um=(0.02, 0.3),
-        haze_fraction=(0.02, 0.15),
-        stripe_strength=(0.0, 0.25),
-        sheet_growth=(0.0, 0.3),
-        uneven_illumination=(0.0, 0.15),
-        photons=(400.0, 6000.0),
-        read_noise=(1.0, 4.0),
-    ),
-    "calibrated-membrane": DegradationRanges(
-        transmission_detection=(0.35, 0.9),
-        transmission_illumination=(0.4, 0.9),
-        axial_surface_um=(0.3, 0.9),
-        lateral_surface_um=(0.0, 0.04),
-        axial_growth_um=(0.2, 1.2),
-        lateral_growth_um=(0.02, 0.2),
-        haze_fraction=(0.02, 0.12),
-        stripe_strength=(0.0, 0.2),
-        sheet_growth=(0.0, 0.25),
-        uneven_illumination=(0.0, 0.12),
-        photons=(400.0, 6000.0),
-        read_noise=(1.0, 4.0),
-    ),
+    key: DegradationRanges(**{name: row[column] for name, row in _DEGRADATION_TABLE.items()})
+    for column, key in enumerate(_DEGRADATION_KEYS)
 }
 
 
@@ -762,38 +735,6 @@ def random_params(
     )
 
 
-# --------------------------------------------------------------------------- files
-
-
-def _percentile_u8(image: np.ndarray, low: float = 0.5, high: float = 99.8) -> np.ndarray:
-    lo, hi = np.percentile(image, [low, high])
-    scaled = (image.astype(np.float32) - lo) / max(float(hi - lo), 1e-6)
-    return (np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
-
-
-def save_mip_png(path: Path, angle: np.ndarray, fused: np.ndarray, spacing: Vec3) -> None:
-    """PNG for a person, input left | target right. Rows: maximum-intensity projection along z,
-    the central z slice (membranes are legible there, their MIP is a tangle), and the projection
-    along y stretched to the true z/x aspect (shows the detection-depth fall-off, z downwards)."""
-    from PIL import Image
-
-    stretch = spacing[0] / spacing[2]
-
-    def panel(vol: np.ndarray) -> np.ndarray:
-        top = _percentile_u8(vol.max(0))
-        middle = _percentile_u8(vol[vol.shape[0] // 2])
-        side = Image.fromarray(_percentile_u8(vol.max(1)))
-        height = max(1, round(vol.shape[0] * stretch))
-        side = np.asarray(side.resize((vol.shape[2], height), Image.Resampling.BILINEAR))
-        gap = np.full((4, vol.shape[2]), 255, np.uint8)
-        return np.concatenate([top, gap, middle, gap, side], 0)
-
-    left, right = panel(angle), panel(fused)
-    gap = np.full((left.shape[0], 4), 255, np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate([left, gap, right], 1)).save(path)
-
-
 def pair_rng(seed: int, index: int) -> np.random.Generator:
     """Independent stream per pair index, so pair i does not depend on how many pairs are made."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
@@ -828,60 +769,7 @@ def write_dataset(
     ``image_{i}_{channel}_params.json``. Returns every path written.
     """
     pair = lambda i: random_pair(seed, i, channel, shape, regime)  # noqa: E731
-    return write_pairs(out, n, channel, pair, regime, first_id)
-
-
-def write_pairs(
-    out: Path,
-    n: int,
-    channel: str,
-    make_pair: Callable[[int], tuple[np.ndarray, np.ndarray, SimulationParams]],
-    regime: str,
-    first_id: int = 0,
-    extra: dict | None = None,
-) -> list[Path]:
-    """Write pairs ``make_pair(0 .. n-1)`` in :func:`write_dataset`'s layout; ``extra`` joins each
-    params JSON (for example where a real truth came from)."""
-    from fmc.simulated_tiff import METADATA_STYLES, write_volume
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for i in range(n):
-        start = time.perf_counter()
-        angle, fused, params = make_pair(i)
-        stem = f"image_{first_id + i}_{channel}"
-        spelling = KEY_SPELLINGS[i % len(KEY_SPELLINGS)]
-        for kind, volume, style in (
-            ("angle", angle, METADATA_STYLES[i % len(METADATA_STYLES)]),
-            ("fused", fused, METADATA_STYLES[(i + 1) % len(METADATA_STYLES)]),
-        ):
-            path = out / f"{stem}_{kind}.tif"
-            write_volume(
-                path,
-                volume,
-                spacing=params.spacing,
-                channel=channel,
-                study=params.study,
-                style=style,
-                key_spelling=spelling,
-            )
-            written.append(path)
-        png = out / f"{stem}_mip.png"
-        save_mip_png(png, angle, fused, params.spacing)
-        meta = out / f"{stem}_params.json"
-        meta.write_text(json.dumps({"regime": regime, **(extra or {}), **params.to_dict()}, indent=1))
-        written += [png, meta]
-        log.info(
-            "pair %d/%d %s: spacing %s, study %s, %.2f s",
-            i + 1,
-            n,
-            stem,
-            params.spacing,
-            params.study,
-            time.perf_counter() - start,
-        )
-    return written
+    return write_pairs(out, n, channel, pair, {"regime": regime}, first_id)
 
 
 def sample_params() -> SimulationParams:

@@ -27,18 +27,18 @@ but the file layout, and each physical effect is modelled differently:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from fmc.pair_cli import pair_parser, parse_pair_args
+from fmc.pair_files import write_pairs
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class HeldOutParams:
     offset: float  # ADU
     illumination_from_end: bool
     detection_from_end: bool
+    study: ClassVar[None] = None  # spacings are drawn, never a real study's: the files name none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,31 +111,22 @@ class ViewRanges:
     read_noise: tuple[float, float]
 
 
+#: One row per field, one column per regime (harsh, calibrated), so the two read side by side.
+_VIEW_TABLE: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "surface_axial_um": ((1.0, 2.2), (0.6, 1.2)),
+    "axial_growth_um": ((1.0, 3.0), (0.2, 1.2)),
+    "lateral_growth_um": ((0.3, 1.0), (0.02, 0.25)),
+    "halo_surface": ((0.05, 0.2), (0.01, 0.06)),
+    "halo_deep": ((0.25, 0.6), (0.04, 0.15)),
+    "absorption_per_um": ((0.005, 0.03), (0.002, 0.008)),
+    "bleach": ((0.0, 0.35), (0.0, 0.15)),
+    "background": ((0.01, 0.08), (0.005, 0.03)),
+    "photons": ((40.0, 1500.0), (400.0, 6000.0)),
+    "read_noise": ((1.5, 6.0), (1.0, 3.0)),
+}
 VIEW_RANGES: dict[str, ViewRanges] = {
-    "harsh": ViewRanges(
-        surface_axial_um=(1.0, 2.2),
-        axial_growth_um=(1.0, 3.0),
-        lateral_growth_um=(0.3, 1.0),
-        halo_surface=(0.05, 0.2),
-        halo_deep=(0.25, 0.6),
-        absorption_per_um=(0.005, 0.03),
-        bleach=(0.0, 0.35),
-        background=(0.01, 0.08),
-        photons=(40.0, 1500.0),
-        read_noise=(1.5, 6.0),
-    ),
-    "calibrated": ViewRanges(
-        surface_axial_um=(0.6, 1.2),
-        axial_growth_um=(0.2, 1.2),
-        lateral_growth_um=(0.02, 0.25),
-        halo_surface=(0.01, 0.06),
-        halo_deep=(0.04, 0.15),
-        absorption_per_um=(0.002, 0.008),
-        bleach=(0.0, 0.15),
-        background=(0.005, 0.03),
-        photons=(400.0, 6000.0),
-        read_noise=(1.0, 3.0),
-    ),
+    regime: ViewRanges(**{name: row[column] for name, row in _VIEW_TABLE.items()})
+    for column, regime in enumerate(("harsh", "calibrated"))
 }
 
 
@@ -427,47 +419,6 @@ def heldout_pair(
     return angle, fused, params
 
 
-def write_heldout_dataset(
-    out: Path,
-    n: int,
-    channel: str,
-    seed: int,
-    shape: Shape3 = (64, 160, 160),
-    first_id: int = 0,
-    regime: str = "calibrated",
-) -> list[Path]:
-    """``image_{first_id + i}_{channel}_{angle|fused}.tif`` (ImageJ metadata) and the parameters as JSON.
-
-    ``first_id`` only renames: pair i is the same whatever it is, so held-out pairs can sit beside
-    training pairs in one folder without clashing ids.
-    """
-    from fmc.simulated_tiff import write_volume
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for i in range(n):
-        start = time.perf_counter()
-        angle, fused, params = heldout_pair(seed, i, channel, shape, regime)
-        stem = f"image_{first_id + i}_{channel}"
-        for kind, volume in (("angle", angle), ("fused", fused)):
-            path = out / f"{stem}_{kind}.tif"
-            write_volume(path, volume, spacing=params.spacing, channel=channel, study=None, style="imagej")
-            written.append(path)
-        meta = out / f"{stem}_params.json"
-        meta.write_text(json.dumps({"family": "heldout", "regime": regime, **params.to_dict()}, indent=1))
-        written.append(meta)
-        log.info(
-            "held-out pair %d/%d %s: spacing %s, %.2f s",
-            i + 1,
-            n,
-            stem,
-            params.spacing,
-            time.perf_counter() - start,
-        )
-    return written
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI: write N held-out-family pairs of one channel."""
     parser = pair_parser(
@@ -483,8 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parse_pair_args(parser, argv)
     start = time.perf_counter()
-    paths = write_heldout_dataset(
-        args.out, args.n, args.channel, args.seed, tuple(args.shape), args.first_id, args.regime
+    # ImageJ metadata only, no MIP; --first-id only renames (pair i is the same whatever it is), so
+    # held-out pairs can sit beside training pairs in one folder without clashing ids.
+    shape = tuple(args.shape)
+    pair = lambda i: heldout_pair(args.seed, i, args.channel, shape, args.regime)  # noqa: E731
+    header = {"family": "heldout", "regime": args.regime}
+    paths = write_pairs(
+        args.out, args.n, args.channel, pair, header, args.first_id, every_style=False, mip=False
     )
     print(f"wrote {len(paths)} files to {args.out} ({(time.perf_counter() - start) / args.n:.2f} s per pair)")
     return 0
