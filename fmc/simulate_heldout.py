@@ -130,14 +130,25 @@ VIEW_RANGES: dict[str, ViewRanges] = {
 }
 
 
+#: Uniform ranges of the specimen, the same in both regimes (what the regime changes is the view).
+SPECIMEN_RANGES: dict[str, tuple[float, float]] = {
+    "cell_distance_um": (5.0, 9.0),
+    "specimen_fill": (0.75, 1.0),
+    "surface_waviness": (0.02, 0.1),
+    "nucleus_fraction": (0.55, 0.85),
+    "blob_strength": (0.05, 0.25),
+    "membrane_width_um": (0.2, 0.4),
+}
+
+
 def draw_params(
     rng: np.random.Generator, channel: str, shape: Shape3, regime: str = "calibrated"
 ) -> HeldOutParams:
     """One random pair's parameters; ranges cover dim and bright, shallow and deep specimens.
 
     ``shape`` gives the lateral field and the most z planes: the planes cover a depth of 0.6-1.3
-    times the lateral field, so coarse z steps mean fewer planes, as in a real stack. The view's
-    degradation comes from :data:`VIEW_RANGES` of ``regime``.
+    times the lateral field, so coarse z steps mean fewer planes, as in a real stack. The specimen
+    comes from :data:`SPECIMEN_RANGES`, the view's degradation from :data:`VIEW_RANGES` of ``regime``.
     """
     if regime not in VIEW_RANGES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
@@ -154,16 +165,12 @@ def draw_params(
     lateral = float(rng.uniform(0.22, 0.35))
     # never sharper than the fused target's core (a calibrated view's surface blur can start below it)
     surface_ax = max(axial, float(rng.uniform(*view.surface_axial_um)))
+    specimen = {name: float(rng.uniform(*bounds)) for name, bounds in SPECIMEN_RANGES.items()}
     return HeldOutParams(
         shape=(planes, int(shape[1]), int(shape[2])),
         spacing=spacing,
         channel=channel,
-        cell_distance_um=float(rng.uniform(5.0, 9.0)),
-        specimen_fill=float(rng.uniform(0.75, 1.0)),
-        surface_waviness=float(rng.uniform(0.02, 0.1)),
-        nucleus_fraction=float(rng.uniform(0.55, 0.85)),
-        blob_strength=float(rng.uniform(0.05, 0.25)),
-        membrane_width_um=float(rng.uniform(0.2, 0.4)),
+        **specimen,
         fused_sigma_um=(axial, lateral, lateral),
         view_sigma_surface_um=(surface_ax, lateral + 0.05, lateral + 0.05),
         view_sigma_deep_um=(
