@@ -27,7 +27,6 @@ but the file layout, and each physical effect is modelled differently:
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -39,8 +38,6 @@ from scipy.spatial import cKDTree
 
 from fmc.pair_cli import pair_parser, parse_pair_args
 from fmc.pair_files import write_pairs
-
-log = logging.getLogger(__name__)
 
 Vec3 = tuple[float, float, float]
 Shape3 = tuple[int, int, int]
